@@ -154,6 +154,12 @@ def test_bpe_specials_only_from_ids():
     assert [tok.special_id(s) for s in SPECIAL_TOKENS] == list(range(296, 305)), "special ids out of order"
     assert tok.bos_id == 296 and tok.bos_id not in tok.encode("<|bos|>"), "special text became a special token"
     assert tok.decode([tok.bos_id]) == "<|bos|>" and tok.token_bytes(tok.bos_id) == b""
+    for bad in ([-1], [tok.vocab_size], [97, -3]):  # -1 used to decode as the last merge's bytes
+        try:
+            tok.decode(bad)
+            raise AssertionError(f"decode({bad}) must raise ValueError, not wrap around")
+        except ValueError as e:
+            assert str(tok.vocab_size) in str(e), f"the error should give the valid range: {e}"
     lengths = tok.token_byte_lengths()
     assert lengths.shape == (305,) and lengths[296:].sum() == 0 and lengths[97] == 1
     assert all(lengths[i] == len(tok.token_bytes(i)) for i in range(296)), "token_byte_lengths != token_bytes"
