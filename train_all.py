@@ -81,7 +81,7 @@ class RunConfig:
 class TrainConfig:
     """Knobs every training phase has; each phase below sets its own defaults."""
     num_steps: int = 1000        # optimizer steps
-    device_batch_size: int = 16  # rows per forward pass; lower it if memory runs out
+    device_batch_size: int = 32  # rows per forward pass; lower it if memory runs out
     total_batch_tokens: int = 8192  # tokens per optimizer step; the rest is gradient accumulation
     embedding_lr: float = 0.2    # AdamW lr of the token embedding (nanochat)
     unembedding_lr: float = 0.004  # AdamW lr of lm_head (nanochat)
@@ -93,7 +93,7 @@ class TrainConfig:
     eval_every: int = 250        # steps between val bpb evaluations and samples (and at the end)
     eval_tokens: int = 65_536    # val tokens scored per evaluation during training
     log_every: int = 25          # steps between step lines
-    save_every_min: float = 5.0  # minutes between checkpoints; 0 = after every step
+    save_every_min: float = 2.0  # minutes between checkpoints (each takes well under a second); 0 = every step
     seed: int = 1337             # seeds weight init and data order
 
     def __post_init__(self):
@@ -105,8 +105,8 @@ class PretrainConfig(TrainConfig):
     """Pretraining: the GPT learns to continue documents from the token cache."""
     depth: int = 4               # transformer blocks
     head_dim: int = 64           # width per attention head; n_embd = 64 * depth rounded up to it
-    seq_len: int = 512           # context length in tokens (midtrain and SFT inherit it)
-    num_steps: int = 600         # optimizer steps
+    seq_len: int = 256           # context length in tokens (midtrain and SFT inherit it)
+    num_steps: int = 900         # optimizer steps
 
 
 @dataclass
