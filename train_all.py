@@ -57,7 +57,7 @@ TRAINING = PHASES[3:6]  # the phases that run the training loop
 # What a phase leaves in the run dir; it is done when this exists (for training: model.pt + meta.json).
 OUTPUTS = {"tokenizer": "tokenizer.bin", "pretrain": "base", "midtrain": "mid", "sft": "sft", "eval": "eval.json"}
 # Rates for the banner's time estimates: measured on the 2-core reference machine (GPU ones nominal).
-FLOPS_PER_S = {"cpu": 100e9, "cuda": 300e12, "mps": 5e12}  # sustained training FLOP/s per process
+FLOPS_PER_S = {"cpu": 120e9, "cuda": 300e12, "mps": 5e12}  # sustained training FLOP/s per process
 SHARD_CHARS = 12.3e6        # characters of text per pretraining shard in the mirror
 CHARS_PER_TOKEN = 3.8       # characters per token of our 8K BPE on the mirror's text
 BPE_CHARS_PER_S = 3e6       # bpe.py training
