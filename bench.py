@@ -112,6 +112,18 @@ def bench_tokenizer(args):
 
 # --- train ---
 
+def train_step(model, optimizers, x, y, device, precision):
+    """One optimizer step on one batch: forward, backward, update, clear the gradients; returns the loss."""
+    from gpt import autocast  # imported here like every torch import: the tokenizer bench needs none
+    with autocast(device, precision):
+        loss = model(x, y)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss
+
+
 def bench_train(args):
     """Median time of a full training step (forward, backward, both optimizers) on random tokens."""
     import statistics
@@ -119,7 +131,7 @@ def bench_train(args):
 
     import torch
 
-    from gpt import GPT, autocast, config_from_depth, pick_device, pick_precision
+    from gpt import GPT, config_from_depth, pick_device, pick_precision
     from optim import make_optimizers
 
     if args.threads:
@@ -138,12 +150,7 @@ def bench_train(args):
     times, cpu_times = [], []
     for step in range(args.warmup_steps + args.num_steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        with autocast(device, precision):
-            loss = model(x, y)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        loss = train_step(model, optimizers, x, y, device, precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup_steps:  # the first steps allocate buffers and warm caches
@@ -236,7 +243,7 @@ def bench_data(args):
 
     from bpe import Tokenizer
     from data import build_token_cache, download_all, pretrain_batches, tokenizer_texts
-    from gpt import GPT, autocast, config_from_depth, pick_device, pick_precision
+    from gpt import GPT, config_from_depth, pick_device, pick_precision
     from optim import make_optimizers
 
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="tinychat-bench-")
@@ -271,12 +278,7 @@ def bench_data(args):
     steps = []
     for step in range(args.train_steps + 1):
         t0 = time.perf_counter()
-        with autocast(device, precision):
-            loss = model(x, y)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        train_step(model, optimizers, x, y, device, precision)
         if step > 0:  # the first step allocates buffers
             steps.append(time.perf_counter() - t0)
     read_ms, step_ms = statistics.median(read) * 1000, statistics.median(steps) * 1000
