@@ -93,7 +93,7 @@ class TrainConfig:
     eval_every: int = 250        # steps between val bpb evaluations and samples (and at the end)
     eval_tokens: int = 65_536    # val tokens scored per evaluation during training
     log_every: int = 25          # steps between step lines
-    save_every_min: float = 2.0  # minutes between checkpoints (each takes well under a second); 0 = every step
+    save_every_min: float = 2.0  # minutes between checkpoints, the most work a kill can lose; 0 = every step
     seed: int = 1337             # seeds weight init and data order
 
     def __post_init__(self):
