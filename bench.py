@@ -169,7 +169,7 @@ def bench_train(args):
 # --- decode ---
 
 def bench_decode(args):
-    """Tokens per second at batch 1: serve.generate with its KV cache vs recomputing every prefix."""
+    """Tokens per second at batch 1: sampler.generate with its KV cache vs recomputing every prefix."""
     import statistics
     import time
 
@@ -177,13 +177,13 @@ def bench_decode(args):
 
     from bpe import Tokenizer
     from gpt import GPT, autocast, config_from_depth, pick_device, pick_precision
-    from serve import generate
+    from sampler import generate
 
     if args.prompt_len < 1 or args.prompt_len + args.new_tokens > args.seq_len:
         raise ValueError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} must fit in "
                          f"--seq-len {args.seq_len}; lower one of them")
     device = pick_device(args.device)
-    precision = pick_precision(device)  # the precision generate() itself picks
+    precision = args.precision or pick_precision(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -196,7 +196,7 @@ def bench_decode(args):
     prompt = torch.randint(0, 256, (args.prompt_len,)).tolist()
 
     def run_cached(num_tokens):
-        return sum(1 for _ in generate(model, tok, prompt, max_tokens=num_tokens, temperature=0.0))
+        return sum(1 for _ in generate(model, tok, prompt, num_tokens, temperature=0.0, precision=precision))
 
     # Recompute-everything: the whole sequence goes through the model again for each new token
     # (a timing loop, not a second sampler: it never looks at what it would have sampled).
@@ -297,6 +297,7 @@ def add_model_args(p):
     p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: gpt.pick_device)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: gpt.pick_precision")
 
 
 def main():
@@ -331,7 +332,6 @@ def main():
     p.add_argument("--batch-size", type=int, default=8, help="rows per step")
     p.add_argument("--num-steps", type=int, default=8, help="timed steps (the median is reported)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: gpt.pick_precision")
     p.set_defaults(func=bench_train)
     args = parser.parse_args()
     args.func(args)

@@ -1,7 +1,7 @@
 """
 Byte-level BPE tokenizer (train, encode, decode) and the chat template, with numpy and stdlib re.
 
-Used by data.py (documents -> token ids), serve.py and evals.py (conversations -> ids) and
+Used by data.py (documents -> token ids), sampler.py and evals.py (conversations -> ids) and
 train_all.py (the tokenizer phase). Imports no project module; returns plain Python lists.
 
 Design:
@@ -67,7 +67,7 @@ SPLIT_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|(?:[^\r\n\w]|_)?+[^\W\d_" + OTHER_NUMBE
 # nanochat's special tokens, in nanochat's order; their ids follow the last merge.
 # <|bos|> starts every document and every conversation; user and assistant turns sit between
 # their start/end pair; <|python_start|>..<|python_end|> is a calculator call the assistant
-# writes, <|output_start|>..<|output_end|> the answer the sampler pastes in (serve.py).
+# writes, <|output_start|>..<|output_end|> the answer the sampler pastes in (sampler.py).
 SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                   "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 

@@ -2,7 +2,7 @@
 Evaluation: bits per byte on the pinned validation shard, and greedy samples of every model.
 
 Used by train_all.py (during training and in its eval phase); imports gpt (precision), bpe (the
-chat template), data (the validation rows) and serve (the one sampler). Returns plain numbers,
+chat template), data (the validation rows) and sampler (the one sampler). Returns plain numbers,
 lists and dicts, so the report can print them and report.json can hold them.
 
 Design:
@@ -13,7 +13,7 @@ Design:
   cost of predicting where a document ends is charged to the document's bytes
 - the validation rows are the whole pinned val shard in order (data.val_rows), never shuffled,
   so two runs see the very same tokens and their numbers are comparable
-- samples go through serve.generate at temperature 0 (greedy): the same model always writes
+- samples go through sampler.generate at temperature 0 (greedy): the same model always writes
   the same text, so samples from two checkpoints differ only because the weights do
 
 Left out on purpose:
@@ -33,7 +33,7 @@ import torch
 from bpe import render_for_completion
 from data import val_rows
 from gpt import autocast
-from serve import generate, stream_text
+from sampler import generate, stream_text
 
 # nanochat base_train.py's prompts for the base model: facts, a little reasoning, a list, arithmetic
 BASE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
@@ -69,7 +69,7 @@ def evaluate_bpb(model, rows: torch.Tensor, token_bytes: torch.Tensor, device, p
     return nats / (math.log(2) * num_bytes), nats / num_tokens
 
 
-def sample(model, tok, is_chat: bool, max_tokens: int) -> list:
+def sample(model, tok, is_chat: bool, max_tokens: int, precision: str = "fp32") -> list:
     """Greedy [(prompt, text)]: continuations of BASE_PROMPTS, or answers to CHAT_PROMPTS (is_chat)."""
     out = []
     for prompt in CHAT_PROMPTS if is_chat else BASE_PROMPTS:
@@ -77,7 +77,8 @@ def sample(model, tok, is_chat: bool, max_tokens: int) -> list:
         # model has never seen that format, so it simply continues the text after <|bos|>
         ids = (render_for_completion(tok, {"messages": [{"role": "user", "content": prompt}]}) if is_chat
                else [tok.bos_id] + tok.encode(prompt))
-        tokens = (row[0] for row, _ in generate(model, tok, ids, max_tokens, temperature=0.0))
+        tokens = (row[0] for row, _ in generate(model, tok, ids, max_tokens, temperature=0.0,
+                                                      precision=precision))
         out.append((prompt, "".join(stream_text(tok, tokens))))  # special tokens have no text
     return out
 
@@ -90,4 +91,4 @@ def evaluate_model(model, tok, run_dir: str, is_chat: bool, device, precision: s
     rows = val_tensor(run_dir, T, max_tokens // T or None)  # (N, T+1)
     bpb, loss = evaluate_bpb(model, rows, torch.tensor(tok.token_byte_lengths()), device, precision)
     return {"val_bpb": bpb, "val_loss": loss, "val_tokens": rows.shape[0] * T,
-            "samples": sample(model, tok, is_chat, sample_tokens)}
+            "samples": sample(model, tok, is_chat, sample_tokens, precision)}

@@ -1,7 +1,7 @@
 """
 The GPT: nanochat's Transformer, its KV cache, checkpoints, and the device and precision choice.
 
-Used by serve.py (sampling), evals.py (scoring), train_all.py (training) and bench.py; imports
+Used by sampler.py (sampling), evals.py (scoring), train_all.py (training) and bench.py; imports
 only torch. Builds the model, runs it, saves it, loads it. The optimizers live in optim.py.
 
 Shape legend, used in every `# (...)` comment of the project:

@@ -11,7 +11,7 @@ Design:
 - multiple choice (MMLU, ARC) uses nanochat's prompt: each choice is followed by "=" and its
   letter with no space, so the answer token "A" is the very token seen in the prompt
 - GSM8K's calculator annotations <<48/2=24>> become a python part "48/2" and a python_output part
-  "24": the model learns to call the tool, and the sampler (serve.py) pastes in the result
+  "24": the model learns to call the tool, and the sampler (sampler.py) pastes in the result
 - a mixture is a concatenation shuffled with random.Random(42); listing a dataset twice trains it
   twice per epoch (nanochat's TaskMixture semantics, without the index bookkeeping)
 - SpellingBee / SimpleSpelling examples are drawn from random.Random(index) for train and

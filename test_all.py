@@ -44,7 +44,7 @@ from evals import evaluate_bpb
 from gpt import (GPT, GPTConfig, KVCache, autocast, config_from_depth, load_checkpoint, load_optim_state, pick_precision,
                  save_checkpoint)
 from optim import AdamW, Muon, make_optimizers
-from serve import SampleConfig, generate, stream_text, use_calculator
+from sampler import SampleConfig, generate, stream_text, use_calculator
 
 
 # --- bpe ---
@@ -762,13 +762,14 @@ def test_serve_greedy_matches_naive_recompute():
     # the oracle: the only naive sampler in the repo; one full forward per new token, argmax
     device = torch.device("cpu")
     ids = list(prompt)
-    with torch.no_grad(), autocast(device, pick_precision(device)):
+    precision = pick_precision(device)
+    with torch.no_grad(), autocast(device, precision):
         for _ in range(30):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
             if ids[-1] in stops:
                 break
     expected = ids[len(prompt):]
-    tokens, masks = _rows(model, tok, prompt, max_tokens=30, temperature=0.0, seed=123)
+    tokens, masks = _rows(model, tok, prompt, max_tokens=30, temperature=0.0, seed=123, precision=precision)
     assert tokens[0] == expected, f"cached greedy {tokens[0]} != naive {expected}: KV cache positions or prefill broken"
     assert len(set(expected)) > 1, f"greedy output is constant {expected}: the test model is degenerate"
     assert masks[0] == [1] * len(expected), f"masks {masks[0]}: sampled tokens must have mask 1"

@@ -2,14 +2,14 @@
 Chat in the terminal with the model train_all.py made: one streamed answer, or a conversation.
 
 Layer 5 entry point: loads tokenizer.bin and a checkpoint from the run directory and streams
-answers through serve.generate, the same sampler the web server and the evals use.
+answers through sampler.generate, the same sampler the web server and the evals use.
 
 Design:
 - a prompt on the command line gets one answer and the program exits; without one it opens an
   interactive chat that keeps the conversation (/clear starts over, /quit or Ctrl-D leaves)
 - each turn re-renders the whole conversation with bpe.render_for_completion, so the model sees
   exactly the chat format it was trained on; the oldest turns are dropped when the context is full
-- text is printed as it is generated, but only at whole UTF-8 characters (serve.stream_text);
+- text is printed as it is generated, but only at whole UTF-8 characters (sampler.stream_text);
   special tokens have no text, so they never reach the screen
 - --phase base continues the prompt as plain text instead: a base model has never seen a chat
 
@@ -29,8 +29,8 @@ from dataclasses import asdict
 
 from bpe import Tokenizer, render_for_completion
 from data import default_run_dir
-from gpt import load_checkpoint, pick_device
-from serve import SampleConfig, generate, stream_text
+from gpt import load_checkpoint, pick_device, pick_precision
+from sampler import SampleConfig, generate, stream_text
 
 PHASE_DIRS = {"base": "base", "mid": "mid", "sft": "sft"}  # --phase -> checkpoint folder in the run dir
 
@@ -56,9 +56,10 @@ def prompt_ids(tok, messages: list, max_prompt: int) -> tuple:
         messages = messages[2:]  # drop the oldest user turn and its answer, keep roles alternating
 
 
-def respond(model, tok, ids: list, cfg: SampleConfig, seed: int) -> str:
+def respond(model, tok, ids: list, cfg: SampleConfig, seed: int, precision: str) -> str:
     """Stream the model's continuation of `ids` to stdout, whole characters only; return its text."""
-    tokens = (row[0] for row, _ in generate(model, tok, ids, **{**asdict(cfg), "seed": seed}))
+    tokens = (row[0] for row, _ in generate(model, tok, ids, **{**asdict(cfg), "seed": seed},
+                                            precision=precision))
     pieces = []
     for text in stream_text(tok, tokens):
         print(text, end="", flush=True)
@@ -67,7 +68,7 @@ def respond(model, tok, ids: list, cfg: SampleConfig, seed: int) -> str:
     return "".join(pieces)
 
 
-def chat(model, tok, cfg: SampleConfig, phase: str):
+def chat(model, tok, cfg: SampleConfig, phase: str, precision: str):
     """The interactive loop: read a line, answer it, keep the conversation until /quit or end of input."""
     print(f"tinychat ({phase} model, {model.num_params():,} parameters). /clear starts over, /quit leaves.")
     messages = []
@@ -87,14 +88,14 @@ def chat(model, tok, cfg: SampleConfig, phase: str):
             continue
         print("tinychat> ", end="", flush=True)
         if phase == "base":  # a base model has no chat format: continue the line as text
-            respond(model, tok, [tok.bos_id] + tok.encode(line), cfg, cfg.seed)
+            respond(model, tok, [tok.bos_id] + tok.encode(line), cfg, cfg.seed, precision)
             continue
         # leave the answer room: keep the prompt within the context minus max_tokens (at least half of it)
         budget = max(model.config.seq_len - cfg.max_tokens, model.config.seq_len // 2)
         ids, messages = prompt_ids(tok, messages + [{"role": "user", "content": line}], budget)
         try:
             # a new seed per turn: asking the same thing again may get another answer, as in a chat app
-            answer = respond(model, tok, ids, cfg, cfg.seed + len(messages))
+            answer = respond(model, tok, ids, cfg, cfg.seed + len(messages), precision)
         except ValueError as e:  # a single message longer than the context
             print(f"\n({e})")
             messages = []
@@ -105,7 +106,7 @@ def chat(model, tok, cfg: SampleConfig, phase: str):
 
 def main(argv=None):
     """Parse the flags, load the model, then answer the one prompt or open the chat."""
-    # -t, -k and --max-tokens default to serve.SampleConfig's values: one place declares them
+    # -t, -k and --max-tokens default to sampler.SampleConfig's values: one place declares them
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Examples:")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", help="answer this one prompt and exit; without it, chat")
@@ -120,17 +121,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:  # bad flags and a missing model end with one line saying what to do, not a traceback
         cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_tokens)
-        model, tok = load_model(args.run_dir or default_run_dir(), args.phase, pick_device())
+        device = pick_device()
+        model, tok = load_model(args.run_dir or default_run_dir(), args.phase, device)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"tinychat: {e}")
+    precision = pick_precision(device)
     if args.prompt is None:
-        chat(model, tok, cfg, args.phase)
+        chat(model, tok, cfg, args.phase, precision)
     elif args.phase == "base":
-        respond(model, tok, [tok.bos_id] + tok.encode(args.prompt), cfg, cfg.seed)
+        respond(model, tok, [tok.bos_id] + tok.encode(args.prompt), cfg, cfg.seed, precision)
     else:
         try:
             respond(model, tok, render_for_completion(tok, {"messages": [{"role": "user", "content": args.prompt}]}),
-                    cfg, cfg.seed)
+                    cfg, cfg.seed, precision)
         except ValueError as e:  # the prompt alone is longer than the context
             sys.exit(f"tinychat: {e}")
 

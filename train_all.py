@@ -284,7 +284,7 @@ def train(phase: str, model, tok, cfg: TrainConfig, make_batches, rt: Runtime) -
             bpb, val_loss = evaluate_bpb(model, val, token_bytes, rt.device, rt.precision, cfg.device_batch_size)
             loop["val"].append([step, val_loss, bpb])
             rt.log(f"eval | {phase} | step {step:04d} | val_bpb {bpb:.4f}")
-            for prompt, text in sample(model, tok, phase != "pretrain", 24) if step > 0 else []:
+            for prompt, text in sample(model, tok, phase != "pretrain", 24, rt.precision) if step > 0 else []:
                 rt.log(f"sample | {prompt!r} -> {text!r}")
         if is_last:
             return finish(phase, model, cfg, loop, rt)
