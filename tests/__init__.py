@@ -1,0 +1,1 @@
+"""tinychat's tests, one file per module (test_<module>.py); test_all.py at the root runs them."""

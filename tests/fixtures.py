@@ -1,0 +1,188 @@
+"""
+What several test files share, each under its own banner: quiet output, a local HTTP file
+server, tiny models (a random byte-level GPT and a scripted one), and a prepared run dir (a
+synthetic --mirror plus a run dir taken through the tokenize phase, made once per test process).
+
+Everything here is made by the tests themselves: no network, no ../shared/mirror, fixed seeds.
+"""
+import contextlib
+import functools
+import http.server
+import io
+import json
+import os
+import random
+import tempfile
+import threading
+import time
+import zipfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import data
+import train_all
+from bpe import Tokenizer
+from gpt import GPT, GPTConfig
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
+MIRROR = os.path.join(ROOT, "..", "shared", "mirror")  # the offline data, where a checkout has it
+
+
+# --- quiet output ---
+
+
+def quiet():
+    """Swallow the progress and retry lines data.py prints, so the test output stays readable."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def run_quiet(fn, *args):
+    """Run fn(*args) with stdout captured; return what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fn(*args)
+    return out.getvalue()
+
+
+# --- a local HTTP file server ---
+
+
+class FileServer:
+    """A local http.server: files[path] -> bytes, a directory path answers its index.json, and
+    plan[path] is a list of "500" / "cut" (Content-Length says full, half is sent) / "half"
+    (half the body with a matching Content-Length) / "slow" (answers after 0.5 s) consumed one per
+    request before normal answers."""
+
+    def __init__(self, files):
+        self.files, self.plan, self.hits = files, {}, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = self.path.lstrip("/")
+                outer.hits.append(path)
+                body = outer.files.get(path, outer.files.get(path.rstrip("/") + "/index.json"))
+                step = outer.plan.get(path, []).pop(0) if outer.plan.get(path) else "ok"
+                if step == "slow":
+                    time.sleep(0.5)
+                if body is None or step == "500":
+                    self.send_response(404 if body is None else 500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                sent = body[:len(body) // 2] if step in ("cut", "half") else body
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body) if step == "cut" else len(sent)))
+                self.end_headers()
+                try:
+                    self.wfile.write(sent)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out ("slow") and left
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --- tiny models ---
+
+
+def byte_gpt(seed=0, is_trained_like=True):
+    """A tiny GPT over a byte-level tokenizer's 265 ids; random output layers so greedy decoding is not constant."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(seq_len=64, vocab_size=Tokenizer([]).vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    if is_trained_like:  # a fresh GPT has zero lm_head / c_proj, i.e. uniform logits
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not p.any():
+                torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+class ScriptedModel(torch.nn.Module):
+    """Fake GPT whose call number n puts all probability on script[n]; records what it was fed."""
+
+    def __init__(self, config, script):
+        super().__init__()
+        self.config, self.script, self.fed = config, script, []
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # so generate() can find the device
+
+    def forward(self, ids, kv_cache=None):
+        B, T = ids.shape
+        self.fed.append(ids[:, -1].tolist())
+        kv_cache.pos += T
+        logits = torch.zeros(B, T, self.config.vocab_size)  # (B, T, V)
+        logits[:, -1, self.script[min(len(self.fed) - 1, len(self.script) - 1)]] = 10.0
+        return logits
+
+
+# --- a prepared run dir: a synthetic --mirror and a run dir through the tokenize phase ---
+
+
+WORDS = "the cat dog sat ran on a mat far away then came back we spell words here is and of to".split()
+
+
+def task_rows(kind, n=12):
+    """n short rows in the schema of one TASKS parquet (what the HF listing API serves)."""
+    if kind == "smol-smoltalk":
+        return [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}!"}],
+                 "source": "test"} for i in range(n)]
+    if kind == "mmlu":
+        return [{"question": f"q{i}?", "subject": "s", "choices": ["a", "b", "c", "d"], "answer": i % 4} for i in range(n)]
+    if kind == "ai2_arc":
+        return [{"id": str(i), "question": f"q{i}?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+                 "answerKey": "AB"[i % 2]} for i in range(n)]
+    if kind == "gsm8k":
+        return [{"question": f"{i}+1?", "answer": f"It is <<{i}+1={i + 1}>>{i + 1}.\n#### {i + 1}"} for i in range(n)]
+    return [{"task_id": str(i), "prompt": "def f():\n", "canonical_solution": "    return 1\n",
+             "test": "assert f() == 1", "entry_point": "f"} for i in range(n)]
+
+
+def make_mirror(root):
+    """A --mirror folder at the real URLs' paths: 1 train + the val shard of synthetic text, every task, a zip."""
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))) + "." for _ in range(300)]
+    files = {data.SHARD_URL.format(0): docs[:200], data.SHARD_URL.format(data.VAL_SHARD): docs[200:]}
+    for url, texts in files.items():
+        path = os.path.join(root, *url.split("://")[1].split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(pa.table({"text": texts}), path)
+    for repo, subset, split in data.TASKS.values():
+        listing = os.path.join(root, *data.LISTING_URL.format(repo, subset, split).split("://")[1].split("/"))
+        os.makedirs(listing, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(task_rows(repo.split("/")[1])), os.path.join(listing, "0.parquet"))
+        with open(os.path.join(listing, "index.json"), "w") as f:
+            json.dump([data.LISTING_URL.format(repo, subset, split) + "/0.parquet"], f)
+    bundle = os.path.join(root, *data.EVAL_BUNDLE_URL.split("://")[1].split("/"))
+    os.makedirs(os.path.dirname(bundle), exist_ok=True)
+    with zipfile.ZipFile(bundle, "w") as z:
+        z.writestr("eval_bundle/core.yaml", "icl_tasks: []\n")
+    return root
+
+
+def tiny_argv(run_dir, mirror, steps=3):
+    """Flags for the tiniest run: --smoke shrunk further (1-layer GPT, 64-token rows, a few steps)."""
+    argv = ["--smoke", "--run-dir", run_dir, "--mirror", mirror, "--vocab-size", "300", "--tokenizer-chars", "50000",
+            "--pretrain-depth", "1", "--pretrain-head-dim", "16", "--pretrain-seq-len", "64", "--pretrain-eval-every", "100",
+            "--eval-bpb-tokens", "1024", "--eval-sample-tokens", "4"]
+    for phase in ("pretrain", "midtrain", "sft"):
+        argv += [f"--{phase}-num-steps", str(steps), f"--{phase}-device-batch-size", "2", f"--{phase}-total-batch-tokens",
+                 "256", f"--{phase}-eval-tokens", "256"]
+    return argv
+
+
+@functools.lru_cache(maxsize=None)
+def prepared_run_dir():
+    """(temp dir, mirror, run dir done through the tokenize phase), made once and shared by the tests below."""
+    tmp = tempfile.TemporaryDirectory()  # the cache keeps it alive; it is removed when the interpreter exits
+    mirror, run_dir = make_mirror(os.path.join(tmp.name, "mirror")), os.path.join(tmp.name, "run")
+    for phase in ("download", "tokenizer", "tokenize"):
+        run_quiet(train_all.main, tiny_argv(run_dir, mirror) + ["--only", phase])
+    return tmp, mirror, run_dir

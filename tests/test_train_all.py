@@ -1,0 +1,105 @@
+"""
+Tests of train_all.py: every phase on synthetic data, exact resume after a kill, the lr schedule,
+and the command line generated from the dataclasses.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+import data
+import train_all
+from tests.fixtures import prepared_run_dir, run_quiet, tiny_argv
+
+
+def test_train_all_every_phase_writes_its_files():
+    """main() on synthetic text runs every phase, writes the expected files, skips them on a rerun and
+    stops with what to do when a setting that makes them stale changes."""
+    _, mirror, prepared = prepared_run_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, cwd = shutil.copytree(prepared, os.path.join(tmp, "run")), os.getcwd()
+        os.chdir(tmp)  # report.md is also copied to the working directory
+        try:
+            run_quiet(train_all.main, tiny_argv(run_dir, mirror))
+            for name in ("tokenizer.bin", "tokens/train.bin", "base/model.pt", "mid/meta.json", "sft/model.pt",
+                         "eval.json", "report.md", "report.json", "loss.svg", "log.txt", os.path.join(tmp, "report.md")):
+                assert os.path.exists(os.path.join(run_dir, name)), f"{name} missing: a phase did not write its output"
+            assert not [d for d in os.listdir(os.path.join(run_dir, "base")) if d.startswith("resume")], "resume checkpoint left"
+            report = json.load(open(os.path.join(run_dir, "report.json")))
+            assert set(report["eval"]) == {"pretrain", "midtrain", "sft"}, f"eval.json lacks a model: {report['eval'].keys()}"
+            assert "| Metric | BASE | MID | SFT |" in open(os.path.join(run_dir, "report.md")).read(), "summary table missing"
+            assert open(os.path.join(run_dir, "loss.svg")).read().startswith("<svg"), "loss.svg is not an SVG"
+            again = run_quiet(train_all.main, tiny_argv(run_dir, mirror))
+            assert again.count("skipping") == 5, f"a rerun should skip the 5 finished phases:\n{again}"
+            try:
+                run_quiet(train_all.main, tiny_argv(run_dir, mirror) + ["--pretrain-depth", "2"])
+                raise AssertionError("a changed --pretrain-depth was not detected")
+            except SystemExit as e:
+                assert "rm -rf" in str(e) and "base" in str(e) and "pretrain.depth 1 -> 2" in str(e), f"unclear message: {e}"
+        finally:
+            os.chdir(cwd)
+
+
+def test_train_all_resume_is_exact():
+    """A pretraining run killed mid-way and rerun ends with the same weights as one that never stopped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _, mirror, prepared = prepared_run_dir()
+        first, second = (shutil.copytree(prepared, os.path.join(tmp, name)) for name in "ab")
+        argv = lambda run_dir: tiny_argv(run_dir, mirror, steps=5) + ["--pretrain-save-every-min", "0"]
+        run_quiet(train_all.main, argv(first) + ["--only", "pretrain"])
+        real, taken = train_all.pretrain_batches, []
+
+        def dies_after_7_batches(*args, **kwargs):  # 2 micro-batches per step: the "kill" lands inside step 3
+            for batch in real(*args, **kwargs):
+                if len(taken) == 7:
+                    raise KeyboardInterrupt("simulated kill")
+                taken.append(1)
+                yield batch
+        train_all.pretrain_batches = dies_after_7_batches
+        try:
+            run_quiet(train_all.main, argv(second) + ["--only", "pretrain"])
+            raise AssertionError("the simulated kill did not happen")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            train_all.pretrain_batches = real
+        meta = json.load(open(os.path.join(second, "base", "resume", "meta.json")))
+        assert meta["loop"]["step"] == 3, f"the checkpoint before the kill is at step {meta['loop']['step']}, not 3"
+        log = run_quiet(train_all.main, argv(second) + ["--only", "pretrain"])
+        assert "resuming from" in log and "step 3" in log, f"the rerun did not resume from step 3:\n{log}"
+        a = torch.load(os.path.join(first, "base", "model.pt"), weights_only=True)
+        b = torch.load(os.path.join(second, "base", "model.pt"), weights_only=True)
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=1e-6), f"{name} differs after resume: model, optimizer or data state not restored"
+
+
+def test_train_all_lr_schedule_known_values():
+    """nanochat's schedules: base flat then linear to 0 over the last 20%, SFT linear to 0, warmup linear from 0."""
+    base = train_all.PretrainConfig(num_steps=100)
+    assert [train_all.lr_scale(s, base) for s in (0, 50, 80, 90, 100)] == [1.0, 1.0, 1.0, 0.5, 0.0], "base schedule wrong"
+    sft = train_all.SFTConfig(num_steps=10)
+    assert [train_all.lr_scale(s, sft) for s in (0, 5, 9)] == [1.0, 0.5, 0.1], "SFT schedule wrong"
+    warm = train_all.MidtrainConfig(num_steps=10, warmup_frac=0.2, warmdown_frac=0.2, final_lr_frac=0.5)
+    assert [train_all.lr_scale(s, warm) for s in (0, 1, 2, 8, 9)] == [0.5, 1.0, 1.0, 1.0, 0.75], "warmup/final_lr_frac wrong"
+    assert [round(train_all.muon_momentum(s), 12) for s in (0, 150, 300, 1000)] == [0.85, 0.9, 0.95, 0.95], \
+        "Muon momentum warmup wrong"
+
+
+def test_train_all_cli_from_dataclasses():
+    """Every dataclass field has a typed --flag whose help is the field's comment; flags beat presets beat defaults."""
+    parser = train_all.build_parser()
+    help_text = " ".join(parser.format_help().split())
+    for section, (prefix, cls) in train_all.SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            flag = "--" + "-".join(filter(None, [prefix, f.name])).replace("_", "-")
+            assert flag in help_text, f"{flag} missing from --help: the CLI is not generated from {cls.__name__}"
+    assert "context length in tokens" in help_text, "field comments are not used as help"
+    args = parser.parse_args(["--smoke", "--pretrain-depth", "3", "--sft-lr-frac", "0.5"])
+    cfgs = {s: data.config_from_args(args, cls, prefix, train_all.PRESETS["smoke"].get(s))
+            for s, (prefix, cls) in train_all.SECTIONS.items()}
+    assert cfgs["pretrain"].depth == 3 and isinstance(cfgs["sft"].lr_frac, float), "flag values not parsed or typed"
+    assert cfgs["pretrain"].seq_len == train_all.PRESETS["smoke"]["pretrain"]["seq_len"], "preset not applied"
+    assert cfgs["midtrain"].matrix_lr == train_all.MidtrainConfig.matrix_lr, "default lost"
