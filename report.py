@@ -51,6 +51,20 @@ def environment(**extra) -> dict:
             "python": platform.python_version(), "git_commit": commit, **extra}
 
 
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple:
+    """95% (z = 1.96) Wilson score interval (low, high) of an accuracy measured on `total` examples."""
+    # A capped eval on a tiny model is noisy, and the interval says how noisy. Wilson's, unlike the
+    # textbook p +- z*sqrt(p(1-p)/n), never leaves [0, 1] and is not zero-width at p = 0 or 1:
+    #   center = (p + z^2/2n) / (1 + z^2/n),  half = z/(1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2)
+    # e.g. 8 of 10 correct -> (0.49, 0.94); 80 of 100 -> (0.71, 0.87).
+    if total == 0:
+        return 0.0, 1.0
+    p, n = correct / total, total
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def summary_table(trained: dict, evals: dict) -> list:
     """Markdown lines of the BASE / MID / SFT table; '-' where a model or a number is missing."""
     lines = ["| Metric | " + " | ".join(MODELS.values()) + " |", "|---|" + "---|" * len(MODELS)]
