@@ -3,8 +3,9 @@ The sampler: a trained GPT plus a prompt in, new tokens out one step at a time, 
 
 Every piece of text tinychat writes goes through generate(): the terminal chat (tinychat.py), the
 web chat and API (serve.py), the chat evals (evals.py) and the samples printed during training
-(train_all.py). It imports gpt.py (the KV cache and autocast) and takes any bpe.Tokenizer as `tok`.
-The caller decides the precision, once, in its entry point, and passes it in.
+(train_all.py). It imports gpt.py (the KV cache, autocast, checkpoints) and bpe.py (load_model
+reads the tokenizer), and takes any bpe.Tokenizer as `tok`. The caller decides the precision, once,
+in its entry point, and passes it in.
 
 Design:
 - generate() is a Python generator. It reads the prompt once at batch 1 into the KV cache, copies
@@ -37,13 +38,15 @@ References:
 import ast
 import codecs
 import operator
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from gpt import KVCache, autocast
+from bpe import Tokenizer
+from gpt import KVCache, autocast, load_checkpoint
 
 # Limits on what a user may ask for (SampleConfig checks them; a web server must use the same numbers).
 MAX_TEMPERATURE = 2.0   # above 2 the text is noise; nanochat's web UI allowed 0..2 too
@@ -76,6 +79,29 @@ class SampleConfig:
             raise ValueError(f"top_k {self.top_k} is out of range; use 1 to {MAX_TOP_K}, or None for no limit")
         if not 1 <= self.max_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"max_tokens {self.max_tokens} is out of range; use 1 to {MAX_NEW_TOKENS}")
+
+
+# --- loading the model to talk to ---
+
+PHASE_DIRS = {"sft": "sft", "mid": "mid", "base": "base"}  # phase -> its folder in the run dir, newest first
+
+
+def load_model(run_dir: str, phase: str | None, device) -> tuple:
+    """(model, tokenizer, phase) from a run dir; phase None = the newest of sft, mid, base that exists.
+
+    Raises FileNotFoundError naming the command that trains one when there is none.
+    """
+    # a folder counts once its meta.json exists: save_checkpoint writes it after the weights
+    done = [p for p in PHASE_DIRS if os.path.exists(os.path.join(run_dir, PHASE_DIRS[p], "meta.json"))]
+    tok_path = os.path.join(run_dir, "tokenizer.bin")
+    chosen = phase or (done[0] if done else "sft")
+    if chosen not in done or not os.path.exists(tok_path):
+        raise FileNotFoundError(f"no trained {chosen} model in {run_dir}. Train one first with\n"
+                                f"    python train_all.py --cpu           (every phase, about an hour)\n"
+                                f"    python train_all.py --smoke         (a tiny model in a few minutes)\n"
+                                f"adding --run-dir {run_dir} if that is not the default, or pass that run dir here.")
+    model, _ = load_checkpoint(os.path.join(run_dir, PHASE_DIRS[chosen]), device)
+    return model, Tokenizer.load(tok_path), chosen
 
 
 # --- the calculator tool ---

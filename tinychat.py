@@ -23,29 +23,13 @@ Examples:
     python tinychat.py --run-dir /tmp/smoke
 """
 import argparse
-import os
 import sys
 from dataclasses import asdict
 
-from bpe import Tokenizer, render_for_completion
+from bpe import render_for_completion
 from data import default_run_dir
-from gpt import load_checkpoint, pick_device, pick_precision
-from sampler import SampleConfig, generate, stream_text
-
-PHASE_DIRS = {"base": "base", "mid": "mid", "sft": "sft"}  # --phase -> checkpoint folder in the run dir
-
-
-def load_model(run_dir: str, phase: str, device):
-    """(model, tokenizer) of a phase, or an error naming the command that makes them."""
-    ckpt_dir, tok_path = os.path.join(run_dir, PHASE_DIRS[phase]), os.path.join(run_dir, "tokenizer.bin")
-    if not (os.path.exists(os.path.join(ckpt_dir, "meta.json")) and os.path.exists(tok_path)):
-        raise FileNotFoundError(f"no trained {phase} model in {run_dir}. Train one first with\n"
-                                f"    python train_all.py --cpu           (every phase, about an hour)\n"
-                                f"    python train_all.py --smoke         (a tiny model in a few minutes)\n"
-                                f"adding --run-dir {run_dir} if that is not the default, or pass the run dir here.")
-    model, _ = load_checkpoint(ckpt_dir, device)
-    return model, Tokenizer.load(tok_path)
-
+from gpt import pick_device, pick_precision
+from sampler import PHASE_DIRS, SampleConfig, generate, load_model, stream_text
 
 def prompt_ids(tok, messages: list, max_prompt: int) -> tuple:
     """(ids ending in <|assistant_start|>, messages kept): the oldest exchanges go while it is too long."""
@@ -110,7 +94,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Examples:")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", help="answer this one prompt and exit; without it, chat")
-    parser.add_argument("--phase", choices=PHASE_DIRS, default="sft", help="which model to load (default: sft)")
+    parser.add_argument("--phase", choices=PHASE_DIRS, default=None,
+                        help="which model to load (default: the newest of sft, mid, base)")
     parser.add_argument("--run-dir", default=None, help=f"run directory of train_all.py (default: {default_run_dir()})")
     parser.add_argument("-t", "--temperature", type=float, default=SampleConfig.temperature,
                         help=f"0 = always the likeliest token (default: {SampleConfig.temperature})")
@@ -122,13 +107,13 @@ def main(argv=None):
     try:  # bad flags and a missing model end with one line saying what to do, not a traceback
         cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_tokens)
         device = pick_device()
-        model, tok = load_model(args.run_dir or default_run_dir(), args.phase, device)
+        model, tok, phase = load_model(args.run_dir or default_run_dir(), args.phase, device)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"tinychat: {e}")
     precision = pick_precision(device)
     if args.prompt is None:
-        chat(model, tok, cfg, args.phase, precision)
-    elif args.phase == "base":
+        chat(model, tok, cfg, phase, precision)
+    elif phase == "base":
         respond(model, tok, [tok.bos_id] + tok.encode(args.prompt), cfg, cfg.seed, precision)
     else:
         try:

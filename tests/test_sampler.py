@@ -2,11 +2,14 @@
 Tests of sampler.py: greedy KV-cache sampling against a naive recompute loop, seeds, limits, the
 calculator tool (state machine, answers, refusals) and UTF-8-safe streaming.
 """
+import os
+import tempfile
+
 import torch
 
 from bpe import SPECIAL_TOKENS, Tokenizer
-from gpt import GPTConfig, autocast, pick_precision
-from sampler import SampleConfig, generate, stream_text, use_calculator
+from gpt import GPTConfig, autocast, pick_precision, save_checkpoint
+from sampler import SampleConfig, generate, load_model, stream_text, use_calculator
 from tests.fixtures import ScriptedModel, byte_gpt
 
 
@@ -150,3 +153,18 @@ def test_sampler_stream_text_whole_characters():
     out = list(stream_text(tok, iter(Tokenizer([]).encode("世😀"))))  # no merges: one byte per token
     assert out == ["世", "😀"], f"byte-by-byte stream gave {out}: text released mid-character"
     assert list(stream_text(tok, iter([0xE4]))) == ["\ufffd"], "an unfinished character at the end must become U+FFFD"
+
+
+def test_sampler_load_model_picks_newest_phase():
+    """load_model takes sft, else mid, else base; an explicit phase that is missing names the command to run."""
+    tok = Tokenizer([])
+    with tempfile.TemporaryDirectory() as run_dir:
+        tok.save(os.path.join(run_dir, "tokenizer.bin"))
+        for phase, folder in (("base", "base"), ("mid", "mid")):
+            save_checkpoint(os.path.join(run_dir, folder), byte_gpt(), {})
+            assert load_model(run_dir, None, "cpu")[2] == phase, f"the newest model is {phase}, not picked"
+        try:
+            load_model(run_dir, "sft", "cpu")
+            raise AssertionError("a missing sft model was not reported")
+        except FileNotFoundError as e:
+            assert "python train_all.py" in str(e), f"the message should say what to run: {e}"
