@@ -12,6 +12,7 @@ Design:
   that cache to num_samples rows, then feeds one token per row per step: each step costs one
   token of compute per row instead of re-reading the whole sequence (bench.py decode measures it).
 - temperature 0 is argmax; otherwise softmax(logits / temperature) over the top_k largest logits,
+  cut to the top_p nucleus when top_p < 1,
   drawn with a torch.Generator seeded by `seed`, so a (prompt, seed) pair always gives one answer.
 - each row samples its own first token. nanochat's OLD engine sampled it once and copied it to every
   row, so all num_samples answers began alike (pass@k evals were quietly weaker).
@@ -24,7 +25,8 @@ Design:
   tokens never reaches a terminal or a browser as two broken halves.
 
 Left out on purpose:
-- top-p, min-p, repetition penalties and beam search: nanochat samples with temperature and top-k only
+- min-p, repetition penalties and beam search: nanochat samples with temperature and top-k only
+  (top-p is here because OpenAI-API clients of serve.py send it; nanochat has none of the three)
 - finished rows keep their slot in the batch (no shrinking of the cache); simpler, and the waste
   only exists at num_samples > 1
 - one prompt per call: no batching of different prompts (they would need padding and masks)
@@ -69,6 +71,7 @@ CALC_BINOPS = {
 class SampleConfig:
     temperature: float = 0.6    # softmax temperature; 0 = greedy (always the likeliest token); nanochat's chat default
     top_k: int | None = 50      # sample among the k likeliest tokens only; None = the whole vocab; nanochat's default
+    top_p: float = 1.0          # nucleus: the fewest likeliest tokens holding top_p of the mass; 1 = off
     max_tokens: int = 256       # new tokens per answer at most, forced tool tokens included; nanochat chat_cli's 256
     seed: int = 42              # seeds the sampling torch.Generator: same prompt + seed = same answer
 
@@ -77,6 +80,8 @@ class SampleConfig:
             raise ValueError(f"temperature {self.temperature} is out of range; use 0 (greedy) to {MAX_TEMPERATURE}")
         if self.top_k is not None and not 1 <= self.top_k <= MAX_TOP_K:
             raise ValueError(f"top_k {self.top_k} is out of range; use 1 to {MAX_TOP_K}, or None for no limit")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p {self.top_p} is out of range; use 0 (likeliest token only) to 1 (off)")
         if not 1 <= self.max_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"max_tokens {self.max_tokens} is out of range; use 1 to {MAX_NEW_TOKENS}")
 
@@ -168,8 +173,8 @@ def use_calculator(expr: str) -> str | None:
 
 # --- sampling ---
 
-def _sample(logits, generator, temperature, top_k):
-    """(B, V) fp32 logits -> (B,) token ids: argmax at temperature 0, else a top-k softmax draw."""
+def _sample(logits, generator, temperature, top_k, top_p):
+    """(B, V) fp32 logits -> (B,) token ids: argmax at temperature 0, else a top-k, top-p softmax draw."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
     if top_k and top_k < logits.size(-1):  # None or 0 = no limit (0 as in nanochat HEAD)
@@ -177,6 +182,15 @@ def _sample(logits, generator, temperature, top_k):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
     probs = F.softmax(logits / temperature, dim=-1)  # (B, V)
+    if top_p < 1:
+        # nucleus (Holtzman et al.): in descending order, keep a token while the mass before it is
+        # below top_p. probs [0.5, 0.3, 0.15, 0.05], top_p 0.7: mass before = [0, 0.5, 0.8, 0.95]
+        # -> keep the first two. The likeliest token is always kept (top_p 0 = only it).
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), (B, V)
+        is_cut = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
+        is_cut[:, 0] = False
+        # multinomial renormalizes, so zeroing the tail is enough
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(is_cut, 0.0))  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
@@ -222,7 +236,7 @@ def _next_column(rows, sampled, tok, special):
 
 @torch.inference_mode()
 def generate(model, tok, ids, max_tokens, temperature=1.0, top_k=None, seed=42, num_samples=1,
-             precision="fp32"):
+             precision="fp32", top_p=1.0):
     """Yield (tokens, masks) once per step, each a list with one entry per row (num_samples rows).
 
     `ids` is the prompt (list of token ids). A mask is 1 for a sampled token and 0 for a token the
@@ -272,7 +286,8 @@ def generate(model, tok, ids, max_tokens, temperature=1.0, top_k=None, seed=42, 
     rows = [_RowState() for _ in range(num_samples)]
     # 3) one token per row per step
     for step in range(num_steps):
-        tokens, masks = _next_column(rows, _sample(logits, generator, temperature, top_k).tolist(), tok, special)
+        sampled = _sample(logits, generator, temperature, top_k, top_p).tolist()
+        tokens, masks = _next_column(rows, sampled, tok, special)
         yield tokens, masks
         if step == num_steps - 1 or all(row.is_done for row in rows):
             return

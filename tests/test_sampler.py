@@ -94,6 +94,31 @@ def test_sampler_max_tokens_and_context_respected():
         raise AssertionError("SampleConfig accepted temperature -1")
 
 
+def test_sampler_top_p_keeps_the_nucleus():
+    """top_p samples only the fewest likeliest tokens whose mass reaches top_p; top_p 1 changes nothing."""
+    tok = Tokenizer([])
+    config = GPTConfig(seq_len=8, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=4)
+    model = ScriptedModel(config, [0])
+    logits = torch.full((tok.vocab_size,), float("-inf"))
+    logits[:4] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()  # bytes 0..3 with these probabilities
+    model.forward = lambda ids, kv_cache: logits.expand(ids.shape[0], ids.shape[1], -1)  # (B, T, V)
+    for top_p, nucleus in ((0.7, {0, 1}), (0.85, {0, 1, 2}), (0.0, {0}), (1.0, {0, 1, 2, 3})):
+        tokens, _ = _rows(model, tok, [tok.bos_id], max_tokens=1, temperature=1.0, top_p=top_p,
+                          num_samples=2000)
+        drawn = {row[0] for row in tokens}
+        assert drawn == nucleus, \
+            f"top_p {top_p} drew {sorted(drawn)}, want exactly {sorted(nucleus)}: the nucleus cut is off"
+    plain, _ = _rows(byte_gpt(), tok, tok.encode("Hi"), max_tokens=20, temperature=1.0, seed=3)
+    with_p, _ = _rows(byte_gpt(), tok, tok.encode("Hi"), max_tokens=20, temperature=1.0, seed=3,
+                      top_p=1.0)
+    assert plain == with_p, "top_p 1 changed the sample: it must leave the distribution alone"
+    try:
+        SampleConfig(top_p=1.5)
+        raise AssertionError("SampleConfig accepted top_p 1.5")
+    except ValueError as e:
+        assert "top_p" in str(e), f"the error should name top_p: {e}"
+
+
 def test_sampler_generator_leaves_caller_autograd_alone():
     """Between two steps of generate(), the caller's code runs with autograd on and no inference mode."""
     tok, model = Tokenizer([]), byte_gpt(is_trained_like=False)
