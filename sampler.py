@@ -22,7 +22,8 @@ Design:
 - use_calculator() parses the expression and walks its syntax tree against an allow-list; nothing
   is ever eval'd. nanochat's eval-based calculator was escaped from a chat prompt.
 - stream_text() releases text only at whole UTF-8 characters, so an emoji split across two
-  tokens never reaches a terminal or a browser as two broken halves.
+  tokens never reaches a terminal or a browser as two broken halves. stop_at() ends such a
+  stream at stop strings (the API's `stop`), holding back any tail that may begin one.
 
 Left out on purpose:
 - min-p, repetition penalties and beam search: nanochat samples with temperature and top-k only
@@ -314,3 +315,28 @@ def stream_text(tok, token_iter):
     text = decoder.decode(b"", final=True)  # bytes of a character the stream never finished
     if text:
         yield text
+
+
+def stop_at(pieces, stops: list):
+    """Yield the text pieces of the generator `pieces` until one of the strings `stops` appears.
+
+    The text before the stop string is the last piece, and `pieces` is closed (so a generate()
+    under it stops too). A tail that could begin a stop string is held back until the next piece
+    decides: with stop "##", the pieces "a#" and "#b" yield "a" and end. No stops: pieces as is.
+    """
+    held = ""
+    for piece in pieces:
+        held += piece
+        hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+        if hits:
+            pieces.close()
+            if min(hits) > 0:
+                yield held[:min(hits)]
+            return
+        # the longest tail of `held` that is the start of some stop string waits for more text
+        keep = max([k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])], default=0)
+        if len(held) > keep:
+            yield held[:len(held) - keep]
+            held = held[len(held) - keep:]
+    if held:
+        yield held

@@ -9,7 +9,7 @@ import torch
 
 from bpe import SPECIAL_TOKENS, Tokenizer
 from gpt import GPTConfig, autocast, pick_precision, save_checkpoint
-from sampler import SampleConfig, generate, load_model, stream_text, use_calculator
+from sampler import SampleConfig, generate, load_model, stop_at, stream_text, use_calculator
 from tests.fixtures import ScriptedModel, byte_gpt
 
 
@@ -178,6 +178,21 @@ def test_sampler_stream_text_whole_characters():
     out = list(stream_text(tok, iter(Tokenizer([]).encode("世😀"))))  # no merges: one byte per token
     assert out == ["世", "😀"], f"byte-by-byte stream gave {out}: text released mid-character"
     assert list(stream_text(tok, iter([0xE4]))) == ["\ufffd"], "an unfinished character at the end must become U+FFFD"
+
+
+def test_sampler_stop_at_cuts_split_stop_strings():
+    """stop_at ends the text before the first stop string, even one split across pieces."""
+    def pieces(*texts):
+        yield from texts
+    cases = [(["a#", "#b"], ["##"], ["a"]), (["##x"], ["##"], []), (["ab", "c"], ["xy"], ["ab", "c"]),
+             (["a#"], ["##"], ["a", "#"]), (["hello world"], ["world", "lo"], ["hel"]),
+             (["ab"], [], ["ab"])]
+    for texts, stops, want in cases:
+        got = list(stop_at(pieces(*texts), stops))
+        assert got == want, f"stop_at({texts}, {stops}) gave {got}, want {want}: held-back tail wrong"
+    source = pieces("x", "END", "never")
+    assert list(stop_at(source, ["END"])) == ["x"], "text after the stop string came through"
+    assert source.gi_frame is None, "stop_at did not close its source, so generate() would run on"
 
 
 def test_sampler_load_model_picks_newest_phase():
