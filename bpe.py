@@ -33,7 +33,6 @@ import heapq
 import multiprocessing
 import os
 import re
-import time
 from collections import Counter, deque
 from itertools import chain, islice
 
@@ -106,15 +105,19 @@ class Tokenizer:
         return (Tokenizer, (self.merges,))
 
     @classmethod
-    def train(cls, texts, vocab_size: int, verbose: bool = False) -> "Tokenizer":
-        """Learn vocab_size - 256 - 9 merges from an iterable of strings; returns the Tokenizer."""
+    def train(cls, texts, vocab_size: int, progress=None) -> "Tokenizer":
+        """Learn vocab_size - 256 - 9 merges from an iterable of strings; returns the Tokenizer.
+
+        progress: None (silent) or a progress-line class such as cli.Progress, called as
+        progress(label, total, unit) to make a printer with .update(done, is_final=False).
+        """
         num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if num_merges < 0:
             raise ValueError(f"vocab_size {vocab_size} is too small: bytes and special tokens alone need 265")
-        chunk_counts = count_chunks(texts, verbose)
+        chunk_counts = count_chunks(texts, progress)
         chunks = [chunk.encode("utf-8") for chunk in chunk_counts]
         counts = np.fromiter(chunk_counts.values(), dtype=np.int64, count=len(chunks))
-        return cls(learn_merges(chunks, counts, num_merges, verbose))
+        return cls(learn_merges(chunks, counts, num_merges, progress))
 
     def encode_chunk(self, text_bytes: bytes) -> list:
         """BPE-encode one pre-split chunk: apply the earliest merge present, until none applies.
@@ -229,33 +232,19 @@ def _count_batch(texts):
     return Counter(chain.from_iterable(map(re.compile(SPLIT_PATTERN).findall, texts)))
 
 
-class _Progress:
-    """Prints 'label done/total unit | rate | elapsed | eta' lines (as data.py does); silent unless is_on."""
+def count_chunks(texts, progress=None) -> Counter:
+    """Split an iterable of strings with SPLIT_PATTERN on every core; returns chunk -> count.
 
-    def __init__(self, label, total, unit, is_on):
-        self.label, self.total, self.unit, self.is_on = label, total, unit, is_on
-        self.t0 = self.last = time.time()
-
-    def update(self, done, is_final=False):
-        now = time.time()
-        # every 3 s: often enough to see it move, rarely enough to keep a log file short
-        if not self.is_on or (now - self.last < 3.0 and not is_final):
-            return
-        self.last, rate = now, done / max(now - self.t0, 1e-9)
-        of_total = f"/{self.total:,}" if self.total else ""
-        eta = f" | eta {(self.total - done) / max(rate, 1e-9):.0f} s" if self.total and not is_final else ""
-        print(f"{self.label} {done:,}{of_total} {self.unit} | {rate:,.0f} {self.unit}/s | {now - self.t0:.1f} s{eta}", flush=True)
-
-
-def count_chunks(texts, verbose=False) -> Counter:
-    """Split an iterable of strings with SPLIT_PATTERN on every core; returns chunk -> count."""
+    progress: None or a progress-line class (see Tokenizer.train).
+    """
     # re holds the GIL, so threads would not help: processes do. At most two batches per
     # worker are in flight, so a long iterable is never read into memory all at once.
     # NOTE: on macOS/Windows the workers re-import the caller's script, so a script calling
     # this needs the usual `if __name__ == "__main__":` guard (every tinychat entry point has it).
     num_workers = os.cpu_count() or 1
     total, pending, num_chars = Counter(), deque(), 0
-    progress = _Progress("split", None, "chars", verbose)
+    # NOTE: bpe.py imports no project module (layer 0), so the caller hands in its printer
+    printer = progress("split", None, "chars") if progress else None
     with multiprocessing.Pool(num_workers) as pool:
         texts = iter(texts)
         for batch in iter(lambda: list(islice(texts, DOCS_PER_TASK)), []):   # until a batch is []
@@ -263,11 +252,12 @@ def count_chunks(texts, verbose=False) -> Counter:
             num_chars += sum(map(len, batch))
             if len(pending) > 2 * num_workers:
                 total.update(pending.popleft().get())
-                progress.update(num_chars)
+                if printer:
+                    printer.update(num_chars)
         while pending:
             total.update(pending.popleft().get())
-    progress.update(num_chars, is_final=True)
-    if verbose:
+    if printer:
+        printer.update(num_chars, is_final=True)
         print(f"split: {len(total):,} distinct chunks, {sum(total.values()):,} in all", flush=True)
     return total
 
@@ -346,8 +336,9 @@ def _left_to_right(p, nxt):
     return p[rank_in_chain % 2 == 0]
 
 
-def learn_merges(chunks, counts, num_merges, verbose=False) -> list:
+def learn_merges(chunks, counts, num_merges, progress=None) -> list:
     """Exact BPE over distinct chunks (bytes) weighted by counts (int64); returns the merges.
+    progress: None or a progress-line class (see Tokenizer.train).
 
     Plan:
       1) lay every chunk out in one flat int32 array `ids`, -1 before and after each chunk;
@@ -391,7 +382,7 @@ def learn_merges(chunks, counts, num_merges, verbose=False) -> list:
     pos, keys = pair_keys(np.arange(len(ids), dtype=np.int32))
     _add_counts(counts_of, heap, keys, weight[pos])
     _index_pairs(where, pos, keys)
-    progress = _Progress("bpe", num_merges, "merges", verbose)
+    printer = progress("bpe", num_merges, "merges") if progress else None
     for i in range(num_merges):
         key = _pop_most_frequent(heap, counts_of)   # 3)
         if key is None:
@@ -416,8 +407,10 @@ def learn_merges(chunks, counts, num_merges, verbose=False) -> list:
                     np.concatenate([-weight[old_pos], weight[new_pos]]))
         # 6) every new pair contains the new id, so its key is new: no position repeats
         _index_pairs(where, new_pos, new_keys)
-        progress.update(i + 1)
-    progress.update(len(merges), is_final=True)
+        if printer:
+            printer.update(i + 1)
+    if printer:
+        printer.update(len(merges), is_final=True)
     return merges
 
 

@@ -3,7 +3,7 @@ Everything the training phases read: verified downloads, the token cache, and th
 
 Used by train_all.py (download and tokenize phases, then every training phase), tasks.py (the task
 parquet rows it turns into conversations) and evals.py (validation rows); imports bpe.py only for
-render_conversation. Returns paths, numpy arrays and int64 torch tensors (B, T) of token ids.
+render_conversation and cli.py for its progress lines. Returns paths, numpy arrays and int64 torch tensors (B, T) of token ids.
 
 Design:
 - one download path for everything: `urllib` streams into `dest.tmp`, the file is checked (a parquet
@@ -18,8 +18,7 @@ Design:
   <|bos|>), visited in a shuffled order per epoch; the state {"epoch", "row"} resumes exactly
 - chat data: midtraining streams rendered conversations and trains every token; SFT puts one
   conversation per row, cut to fit, and trains only the assistant's tokens (tasks.py makes them)
-- the dataclass -> command-line helper lives here too: data.py is the lowest file every entry point
-  imports (STYLE.md section 6); it gives each config field one typed --flag, helped by its comment
+- download and tokenize progress goes through cli.Progress, the one progress printer
 
 Left out on purpose:
 - nanochat HEAD's BOS-aligned best-fit rows: they crop ~35% of tokens at T=2048 and far more at our
@@ -34,13 +33,10 @@ References:
 - nanochat dataset.py / dataloader.py / tasks/: https://github.com/karpathy/nanochat
 - Hugging Face dataset viewer parquet API: https://huggingface.co/docs/dataset-viewer/parquet
 """
-import dataclasses
 import http.client
-import inspect
 import json
 import multiprocessing
 import os
-import re
 import time
 import urllib.error
 import urllib.request
@@ -52,6 +48,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bpe import render_conversation
+from cli import Progress
 
 # The ClimbMix shards nanochat HEAD trains on; shard_06542 is its pinned validation shard.
 SHARD_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{:05d}.parquet"
@@ -73,7 +70,6 @@ TASKS = {
     "humaneval": ("openai/openai_humaneval", "openai_humaneval", "test"),
 }
 PARTS_PER_SHARD = 4  # tokenizing jobs per shard: small enough that both cores finish together
-PROGRESS_EVERY_S = 2.0  # seconds between progress lines: readable in a log file, alive in a terminal
 
 
 # --- paths ---
@@ -143,23 +139,6 @@ def check_file(path: str, kind: str = ""):
         raise ValueError(f"{path} is damaged ({e})") from e
 
 
-class _Progress:
-    """Prints 'label | done/total | rate | eta' at most every PROGRESS_EVERY_S seconds."""
-    def __init__(self, label, total, unit=1e6, unit_name="MB"):
-        self.label, self.total, self.unit, self.unit_name = label, total, unit, unit_name
-        self.t0 = self.last = time.time()
-
-    def update(self, done, force=False):
-        now = time.time()
-        if not force and now - self.last < PROGRESS_EVERY_S:
-            return
-        self.last, rate = now, done / max(now - self.t0, 1e-9)
-        u, name = self.unit, self.unit_name
-        eta = f" | eta {(self.total - done) / max(rate, 1e-9):.0f} s" if self.total and done < self.total and not force else ""
-        of = f"/{self.total / u:,.1f}" if self.total else ""
-        print(f"{self.label} | {done / u:,.1f}{of} {name} | {rate / u:,.1f} {name}/s{eta}", flush=True)
-
-
 def fetch(url: str, dest: str, mirror=None, timeout: float = 30.0, max_attempts: int = 5,
           backoff_s: float = 2.0) -> str:
     """Download url to dest (checked, atomic) unless a valid copy is there; return dest.
@@ -180,11 +159,13 @@ def fetch(url: str, dest: str, mirror=None, timeout: float = 30.0, max_attempts:
         try:
             with urllib.request.urlopen(src, timeout=timeout) as response, open(tmp, "wb") as f:
                 total = int(response.headers.get("Content-Length") or 0)
-                progress, done = _Progress(f"download {url.split('://', 1)[1]}", total), 0
+                progress = Progress(f"download {url.split('://', 1)[1]}", total, "MB", scale=1e6)
+                done = 0
                 while chunk := response.read(1 << 20):  # 1 MiB chunks, as nanochat
                     done += f.write(chunk)
                     progress.update(done)
-                progress.update(done, force=done > 1e6)  # a closing line for big files only
+                if done > 1e6:  # a closing line for big files only
+                    progress.update(done, is_final=True)
             if total and done != total:
                 raise ValueError(f"got {done:,} of {total:,} bytes")
             check_file(tmp, os.path.splitext(dest)[1])  # NOTE: tmp ends in .tmp: name the real kind
@@ -319,7 +300,8 @@ def build_token_cache(run_dir: str, tok) -> dict:
     # progress in MB of text; the total is the parquet's uncompressed size, a close estimate
     files = [pq.ParquetFile(p).metadata for ps in splits.values() for p in ps]
     total = sum(m.row_group(i).total_byte_size for m in files for i in range(m.num_row_groups))
-    progress, done = _Progress("tokenize", total), 0
+    progress = Progress("tokenize", total, "MB", scale=1e6)
+    done = 0
     with multiprocessing.Pool(os.cpu_count(), initializer=_encode_init, initargs=(tok,)) as pool:
         for split, paths in splits.items():
             jobs = []
@@ -335,7 +317,7 @@ def build_token_cache(run_dir: str, tok) -> dict:
                     progress.update(done)
             os.replace(os.path.join(folder, f"{split}.bin.tmp"), os.path.join(folder, f"{split}.bin"))
             meta["tokens"][split], meta["docs"][split], meta["text_bytes"][split] = (int(c) for c in counts)
-    progress.update(done, force=True)
+    progress.update(done, is_final=True)
     Path(meta_path + ".tmp").write_text(json.dumps(meta, indent=1))
     os.replace(meta_path + ".tmp", meta_path)
     return meta
@@ -464,26 +446,3 @@ def sft_batches(tok, conversations: list, batch_size: int, seq_len: int, state=N
             x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
             y[i, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
         yield x, y, {"epoch": epoch, "cursor": cursor}
-
-
-# --- dataclass configs on the command line (train_all.py, tinychat.py, serve.py) ---
-
-def add_config_args(parser, cls, prefix: str = ""):
-    """Add one typed --[prefix-]field flag per field of dataclass cls; its help is the field's comment."""
-    helps = {}
-    for klass in reversed(cls.__mro__[:-1]):  # base classes first, so a subclass's own comment wins
-        helps.update(re.findall(r"^\s+(\w+): [\w |]+ = [^#\n]*#\s*(.*)$", inspect.getsource(klass), re.M))
-    group = parser.add_argument_group(f"{prefix or 'general'} ({cls.__name__})", cls.__doc__)
-    for f in dataclasses.fields(cls):
-        # `int | None` -> int. NOTE: default None means "not given", so a preset can still fill the value in
-        kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
-        text = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")  # argparse %-formats help
-        group.add_argument("--" + "-".join(filter(None, [prefix, f.name])).replace("_", "-"), type=kind,
-                           dest=f"{prefix}.{f.name}", default=None, metavar=kind.__name__.upper(), help=text)
-
-
-def config_from_args(args, cls, prefix: str = "", preset: dict | None = None):
-    """An instance of cls: its defaults, overridden by `preset`, overridden by the flags actually given."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    given = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(prefix + ".") and v is not None}
-    return cls(**{**(preset or {}), **{k: v for k, v in given.items() if k in names}})

@@ -1,0 +1,123 @@
+"""
+What every command-line entry point shares: flags made from dataclasses, progress lines for long
+jobs, and errors a user can fix printed as one line instead of a traceback.
+
+Layer 0 (stdlib only, no project imports), so every other file may use it: train_all.py,
+tinychat.py, serve.py and bench.py build their flags with it, data.py prints its download and
+tokenize progress with it, and bpe.py (which imports nothing of the project) is handed
+`Progress` by its caller.
+
+Design:
+- a config is a dataclass whose every field has a type, a default and a trailing comment;
+  add_config_args turns each field into one typed --flag whose help is that comment, so the
+  dataclass stays the only place a default is declared (STYLE.md section 6)
+- flags default to None, meaning "not given": config_from_args then layers defaults, a preset's
+  changes and the flags actually given, in that order
+- Progress prints a whole line every few seconds ("tokenize | 12.3/61.2 MB | 2.0 MB/s | 6 s |
+  eta 24 s"): a log file and CI read it as well as a terminal does
+- run_main is the one place an entry point decides which errors are the user's: ValueError,
+  FileNotFoundError and the other OSErrors (disk, network, permissions) are what the project
+  raises for things a user controls (STYLE.md section 8), each with a message saying what to do;
+  they print as one line. Every other exception is a bug and keeps its traceback.
+
+Left out on purpose:
+- subcommands, config files and environment variables as config (STYLE.md section 6)
+- redrawing one progress line in place with \\r: the same output must read well in a file
+
+References:
+- argparse: https://docs.python.org/3/library/argparse.html
+- dataclasses: https://docs.python.org/3/library/dataclasses.html
+"""
+import dataclasses
+import inspect
+import re
+import sys
+import time
+
+PROGRESS_EVERY_S = 3.0  # seconds between progress lines: readable in a log file, alive in a terminal
+# the user errors run_main prints as one line (STYLE.md section 8); OSError covers FileNotFoundError,
+# PermissionError, ConnectionError (downloads) and a full disk
+USER_ERRORS = (ValueError, OSError)
+
+
+# --- dataclass configs on the command line ---
+
+def add_config_args(parser, cls, prefix: str = ""):
+    """Add one typed --[prefix-]field flag per field of dataclass cls; its help is the field's comment."""
+    # the comments are read from the source: `name: type = default  # comment`
+    helps = {}
+    for klass in reversed(cls.__mro__[:-1]):  # base classes first, so a subclass's own comment wins
+        source = inspect.getsource(klass)
+        helps.update(re.findall(r"^\s+(\w+): [\w |]+ = [^#\n]*#\s*(.*)$", source, re.M))
+    group = parser.add_argument_group(f"{prefix or 'general'} ({cls.__name__})", cls.__doc__)
+    for f in dataclasses.fields(cls):
+        # `int | None` -> int. NOTE: default None means "not given", so a preset can still fill it in
+        kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
+        # "%" doubled: argparse %-formats help texts
+        text = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+        flag = "--" + "-".join(filter(None, [prefix, f.name])).replace("_", "-")
+        group.add_argument(flag, type=kind, dest=f"{prefix}.{f.name}", default=None,
+                           metavar=kind.__name__.upper(), help=text)
+
+
+def config_from_args(args, cls, prefix: str = "", preset: dict | None = None):
+    """An instance of cls: its defaults, overridden by `preset`, overridden by the flags given."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {}
+    for key, value in vars(args).items():
+        section, _, name = key.partition(".")
+        if section == prefix and name in names and value is not None:
+            given[name] = value
+    return cls(**{**(preset or {}), **given})
+
+
+# --- progress lines ---
+
+class Progress:
+    """Prints 'label | done/total unit | rate unit/s | elapsed s | eta s' at most every few seconds.
+
+    `scale` divides the counts for printing (1e6 with unit "MB" turns bytes into MB); total 0 or
+    None means unknown (no eta). Call update(done) as often as you like, update(done, True) once
+    at the end for the closing line.
+    """
+
+    def __init__(self, label: str, total: float | None, unit: str, scale: float = 1.0):
+        self.label = label
+        self.total = total
+        self.unit = unit
+        self.scale = scale
+        self.t0 = time.time()
+        self.last = self.t0
+
+    def _count(self, x: float) -> str:
+        return f"{x / self.scale:,.1f}" if self.scale != 1 else f"{x:,.0f}"
+
+    def update(self, done: float, is_final: bool = False):
+        now = time.time()
+        if not is_final and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)  # units per second since the start
+        of_total = f"/{self._count(self.total)}" if self.total else ""
+        line = (f"{self.label} | {self._count(done)}{of_total} {self.unit} | "
+                f"{self._count(rate)} {self.unit}/s | {now - self.t0:.0f} s")
+        if self.total and not is_final:
+            line += f" | eta {(self.total - done) / max(rate, 1e-9):.0f} s"
+        print(line, flush=True)
+
+
+# --- errors a user can fix ---
+
+def run_main(main, prog: str, on_interrupt: str = "stopped"):
+    """Call main(); a user error (USER_ERRORS) or Ctrl-C ends the program with one line on stderr.
+
+    Used only under `if __name__ == "__main__":`, so tests that call main() directly still see
+    the exception itself. on_interrupt is what Ctrl-C prints after "prog: ".
+    """
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(f"\n{prog}: {on_interrupt}")
+    except USER_ERRORS as e:
+        # NOTE: str(e) only: the chained causes ("raise ... from e") are already summed up in it
+        sys.exit(f"{prog}: error: {e}")

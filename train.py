@@ -1,0 +1,267 @@
+"""
+The one training loop: gradient accumulation, the lr schedule, exact resume, evals and logging.
+
+Used by train_all.py for pretraining, midtraining and SFT alike: the three phases differ only in
+the batches they feed it and in their config (a TrainConfig subclass). Imports gpt (autocast,
+checkpoints), optim (the two optimizers) and evals (val bpb and samples during training).
+
+Design:
+- one optimizer step = grad_accum micro-batches of device_batch_size rows, their gradients
+  summed (each loss divided by grad_accum, so the sum is the mean), then averaged over torchrun
+  ranks, then one step of Muon (block matrices) and AdamW (embeddings, lm_head)
+- the lr multiplier is nanochat's: an optional linear warmup, flat, then a linear warmdown to
+  final_lr_frac; Muon's momentum warms up from 0.85 to 0.95 over 300 steps
+- resume is exact: a checkpoint holds the weights, the optimizer state and the LoopState (step,
+  loss EMA, time spent, every rank's data-stream position, the curves), so a killed run rerun
+  with the same command continues with the very batches it would have seen
+- checkpoints go to a .tmp folder that is renamed into place every save_every_min minutes; the
+  phase's final model goes to its folder with its results in meta.json
+- step lines follow STYLE.md section 9: the loss as a bias-corrected EMA, the ETA from the
+  steps after the first three
+
+Left out on purpose:
+- gradient clipping (never active in nanochat either) and loss scaling (bf16 needs none)
+- a sharded optimizer: under torchrun every rank holds the whole optimizer state
+
+References:
+- nanochat base_train.py: https://github.com/karpathy/nanochat
+- Muon, momentum warmup: https://kellerjordan.github.io/posts/muon/
+- nanoGPT train.py (a loop read in one pass): https://github.com/karpathy/nanoGPT
+"""
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from evals import evaluate_bpb, sample, val_tensor
+from gpt import autocast, load_checkpoint, load_optim_state, save_checkpoint
+from optim import make_optimizers
+
+
+@dataclass
+@dataclass
+class TrainConfig:
+    """Knobs every training phase has; each phase below sets its own defaults."""
+    num_steps: int = 1000        # optimizer steps
+    device_batch_size: int = 32  # rows per forward pass; lower it if memory runs out
+    total_batch_tokens: int = 8192  # tokens per optimizer step; the rest is gradient accumulation
+    embedding_lr: float = 0.2    # AdamW lr of the token embedding (nanochat)
+    unembedding_lr: float = 0.004  # AdamW lr of lm_head (nanochat)
+    matrix_lr: float = 0.02      # Muon lr of the block matrices (nanochat)
+    lr_frac: float = 1.0         # multiplies all three lrs (nanochat's init_lr_frac)
+    warmup_frac: float = 0.0     # share of steps where lr rises linearly from 0
+    warmdown_frac: float = 0.2   # share of steps at the end where lr falls linearly
+    final_lr_frac: float = 0.0   # lr multiplier reached at the end of the warmdown
+    eval_every: int = 250        # steps between val bpb evaluations and samples (and at the end)
+    eval_tokens: int = 65_536    # val tokens scored per evaluation during training
+    log_every: int = 25          # steps between step lines
+    save_every_min: float = 2.0  # minutes between checkpoints (the most a kill loses); 0 = each step
+    seed: int = 1337             # seeds weight init and data order
+
+    def __post_init__(self):
+        if not 0 <= self.warmup_frac + self.warmdown_frac <= 1:
+            raise ValueError(f"warmup_frac {self.warmup_frac} + warmdown_frac {self.warmdown_frac} "
+                             f"must lie between 0 and 1")
+
+
+@dataclass
+class Runtime:
+    """What main() decides once and passes down: device, precision, this process's rank, the run dir."""
+    device: torch.device
+    precision: str               # "bf16" | "fp32", from gpt.pick_precision
+    rank: int                    # this process under torchrun; 0 when alone
+    world_size: int              # processes under torchrun; 1 when alone
+    run_dir: str
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.run_dir, *parts)
+
+    def log(self, msg: str = ""):
+        """Print on rank 0 and append to <run_dir>/log.txt: the only way this file prints."""
+        if self.rank == 0:
+            print(msg, flush=True)
+            with open(self.path("log.txt"), "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+
+def lr_scale(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of every base lr at 0-based `step`: linear warmup, constant, linear warmdown."""
+    warmup = round(cfg.warmup_frac * cfg.num_steps)
+    warmdown = round(cfg.warmdown_frac * cfg.num_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= cfg.num_steps - warmdown:
+        return 1.0
+    progress = (cfg.num_steps - step) / warmdown  # 1 where the warmdown starts, 0 at num_steps
+    return progress + (1 - progress) * cfg.final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    """Muon's momentum: 0.85 -> 0.95 over the first 300 steps, then 0.95 (nanochat, Keller Jordan)."""
+    return 0.85 + 0.10 * min(step / 300, 1.0)  # a lighter momentum while the weights move fast
+
+
+# --- the loop ---
+
+@dataclass
+class LoopState:
+    """What the training loop carries from step to step; a checkpoint saves it through asdict."""
+    step: int = 0                # optimizer steps done
+    ema: float = 0.0             # exponential moving average of the train loss, not yet debiased
+    elapsed: float = 0.0         # seconds of training so far, summed over every resume
+    data: list = field(default_factory=list)   # each rank's data-stream state, to resume exactly
+    train: list = field(default_factory=list)  # [step, smoothed train loss] at each logged step
+    val: list = field(default_factory=list)    # [step, val loss, val bpb] at each evaluation
+
+
+def save_resume(out_dir: str, model, optimizers, loop: LoopState, rt: Runtime):
+    """Checkpoint weights, optimizer and loop state (every rank's data position) in out_dir/resume."""
+    if rt.world_size > 1:
+        states = [None] * rt.world_size
+        dist.all_gather_object(states, loop.data[rt.rank])
+        loop.data = states
+    if rt.rank == 0:
+        # NOTE: three files cannot be replaced together atomically, so they go to resume.tmp, which
+        # then takes resume's place. save_checkpoint writes meta.json last: a folder with one is
+        # complete, so a kill between the rmtree and the rename leaves a whole one in resume.tmp
+        tmp = os.path.join(out_dir, "resume.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        optim_state = {"optimizers": [opt.state_dict() for opt in optimizers]}
+        save_checkpoint(tmp, model, {"loop": asdict(loop)}, optim_state)
+        shutil.rmtree(os.path.join(out_dir, "resume"), ignore_errors=True)
+        os.replace(tmp, os.path.join(out_dir, "resume"))
+
+
+def restore(out_dir: str, model, optimizers, rt: Runtime) -> LoopState:
+    """Load out_dir's resume checkpoint, if any, into model and optimizers; return its loop state."""
+    for folder in (os.path.join(out_dir, "resume"), os.path.join(out_dir, "resume.tmp")):
+        if os.path.exists(os.path.join(folder, "meta.json")):
+            saved, meta = load_checkpoint(folder, rt.device)
+            model.load_state_dict(saved.state_dict())
+            for opt, state in zip(optimizers, load_optim_state(folder)["optimizers"]):
+                opt.load_state_dict(state)  # also moves the state to the parameters' device
+            rt.log(f"resuming from {folder} (step {meta['loop']['step']})")
+            return LoopState(**meta["loop"])
+    return LoopState(data=[None] * rt.world_size)
+
+
+def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches, rt: Runtime) -> dict:
+    """Train `model` in place for cfg.num_steps optimizer steps, resuming from the newest checkpoint
+    in out_dir, and save it there as the phase's final model; return the results for the report.
+    make_batches(state) gives this rank's iterator of (x, y, state), (B, T) int64 each."""
+    T = model.config.seq_len
+    rows_per_pass = cfg.device_batch_size * rt.world_size
+    grad_accum = cfg.total_batch_tokens // (rows_per_pass * T)
+    if grad_accum < 1 or cfg.total_batch_tokens % (rows_per_pass * T):
+        raise ValueError(f"--{phase}-total-batch-tokens {cfg.total_batch_tokens} must be a multiple "
+                         f"of device batch {cfg.device_batch_size} x seq_len {T} x {rt.world_size} "
+                         f"processes = {rows_per_pass * T}")
+    lrs = {k: getattr(cfg, k) * cfg.lr_frac for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
+    optimizers = make_optimizers(model, **lrs)
+    loop = restore(out_dir, model, optimizers, rt)
+    batches = make_batches(loop.data[rt.rank])
+    val = val_tensor(rt.run_dir, T, max(1, cfg.eval_tokens // T))
+    token_bytes = torch.tensor(tok.token_byte_lengths())
+    rt.log(f"{model.num_params():,} parameters | {model.flops_per_token():.3g} FLOPs/token | "
+           f"{cfg.total_batch_tokens:,} tokens/step = {cfg.device_batch_size} rows x {T} x "
+           f"{rt.world_size} processes x {grad_accum} grad-accum | {cfg.num_steps:,} steps | "
+           f"{rt.precision}")
+    start_step = loop.step
+    t_start = time.time() - loop.elapsed
+    t_saved = time.time()
+    step_times = []
+    while True:
+        step = loop.step
+        loop.elapsed = time.time() - t_start
+        is_last = step == cfg.num_steps
+        # --- evaluate and sample (rank 0 only; the other ranks wait in the next all-reduce) ---
+        is_eval_step = is_last or step % cfg.eval_every == 0
+        if rt.rank == 0 and is_eval_step and not (step == start_step > 0):
+            bpb, val_loss = evaluate_bpb(model, val, token_bytes, rt.device, rt.precision,
+                                         cfg.device_batch_size)
+            loop.val.append([step, val_loss, bpb])
+            rt.log(f"eval | {phase} | step {step:04d} | val_bpb {bpb:.4f}")
+            samples = sample(model, tok, phase != "pretrain", 24, rt.precision) if step > 0 else []
+            for prompt, text in samples:
+                rt.log(f"sample | {prompt!r} -> {text!r}")
+        if is_last:
+            return finish(phase, out_dir, model, cfg, loop, rt)
+        # --- checkpoint every few minutes (not right after a resume: that one is on disk) ---
+        is_due = step > start_step and time.time() - t_saved >= cfg.save_every_min * 60
+        due = torch.tensor([float(is_due)], device=rt.device)
+        if rt.world_size > 1:  # NOTE: rank 0's clock decides for all, or they would wait forever
+            dist.broadcast(due, src=0)
+        if due.item():
+            save_resume(out_dir, model, optimizers, loop, rt)
+            t_saved = time.time()
+        # --- forward and backward over grad_accum micro-batches ---
+        t0 = time.time()
+        loss_sum = 0.0
+        for _ in range(grad_accum):
+            x, y, loop.data[rt.rank] = next(batches)  # (B, T) each, on the CPU
+            with autocast(rt.device, rt.precision):
+                loss = model(x.to(rt.device), y.to(rt.device))  # mean nats over the targets
+            # NOTE: divided by grad_accum, the summed gradients are the mean over the whole step;
+            # without it the step grows with the number of micro-batches
+            (loss / grad_accum).backward()
+            loss_sum += loss.item() / grad_accum
+        # --- update: both optimizers at this step's lr and momentum ---
+        scale = lr_scale(step, cfg)
+        optimizer_step(model, optimizers, scale, muon_momentum(step), rt)
+        # --- log: the loss as a bias-corrected EMA, the ETA from steps after the first 3 ---
+        dt = time.time() - t0
+        if step - start_step >= 3:  # the first steps pay for warm-up: leave them out of the ETA
+            step_times.append(dt)
+        # ema <- 0.9*ema + 0.1*loss; dividing by 1 - 0.9^(step+1) removes the pull towards 0
+        loop.ema = 0.9 * loop.ema + 0.1 * loss_sum
+        smooth = loop.ema / (1 - 0.9 ** (step + 1))
+        loop.step = step + 1
+        if step % cfg.log_every == 0 or step == cfg.num_steps - 1:
+            loop.train.append([step, smooth])
+            eta = sum(step_times) / max(len(step_times), 1) * (cfg.num_steps - step - 1) / 60
+            rt.log(f"step {step:04d}/{cfg.num_steps:04d} | loss {smooth:.4f} | lr_scale {scale:.2f} | "
+                   f"dt {dt * 1000:.0f} ms | {cfg.total_batch_tokens / dt:,.0f} tok/s | "
+                   f"eta {eta:.1f} min")
+
+
+def optimizer_step(model, optimizers, lr_scale_: float, momentum: float, rt: Runtime):
+    """Average gradients over ranks, set lr (initial_lr * lr_scale_) and Muon's momentum, step, zero."""
+    if rt.world_size > 1:
+        for p in model.parameters():  # every rank then takes the same step: replicas stay equal
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= rt.world_size
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_scale_
+            if "momentum" in group:  # only Muon's groups have it
+                group["momentum"] = momentum
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
+def finish(phase: str, out_dir: str, model, cfg: TrainConfig, loop: LoopState, rt: Runtime) -> dict:
+    """Save the phase's final model with its results in meta.json, drop the resume checkpoints."""
+    # ru_maxrss: the peak resident memory of this process, in KB on Linux and bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    results = {
+        "params": model.num_params(),
+        "steps": cfg.num_steps,
+        "tokens": cfg.num_steps * cfg.total_batch_tokens,
+        "minutes": loop.elapsed / 60,
+        "train_loss": loop.train[-1][1] if loop.train else None,
+        "val_bpb": loop.val[-1][2] if loop.val else None,
+        "peak_mem_gb": peak / (2**30 if sys.platform == "darwin" else 2**20),
+        "curve": loop.train,
+        "val": loop.val,
+    }
+    if rt.rank == 0:
+        meta = {"phase": phase, "train_config": asdict(cfg), "results": results}
+        save_checkpoint(out_dir, model, meta)
+        for name in ("resume", "resume.tmp"):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    return results
