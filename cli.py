@@ -42,8 +42,11 @@ USER_ERRORS = (ValueError, OSError)
 
 # --- dataclass configs on the command line ---
 
-def add_config_args(parser, cls, prefix: str = ""):
-    """Add one typed --[prefix-]field flag per field of dataclass cls; its help is the field's comment."""
+def add_config_args(parser, cls, prefix: str = "", short: dict | None = None):
+    """Add one typed --[prefix-]field flag per field of dataclass cls; its help is the field's comment.
+
+    short: extra one-letter flags by field name, e.g. {"temperature": "-t"}.
+    """
     # the comments are read from the source: `name: type = default  # comment`
     helps = {}
     for klass in reversed(cls.__mro__[:-1]):  # base classes first, so a subclass's own comment wins
@@ -56,7 +59,8 @@ def add_config_args(parser, cls, prefix: str = ""):
         # "%" doubled: argparse %-formats help texts
         text = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")
         flag = "--" + "-".join(filter(None, [prefix, f.name])).replace("_", "-")
-        group.add_argument(flag, type=kind, dest=f"{prefix}.{f.name}", default=None,
+        flags = [short[f.name], flag] if short and f.name in short else [flag]
+        group.add_argument(*flags, type=kind, dest=f"{prefix}.{f.name}", default=None,
                            metavar=kind.__name__.upper(), help=text)
 
 

@@ -70,8 +70,9 @@ CALC_BINOPS = {
 
 @dataclass
 class SampleConfig:
+    """How generate() picks tokens; the defaults are nanochat's chat settings."""
     temperature: float = 0.6    # softmax temperature; 0 = greedy (always the likeliest token); nanochat's chat default
-    top_k: int | None = 50      # sample among the k likeliest tokens only; None = the whole vocab; nanochat's default
+    top_k: int | None = 50      # sample among the k likeliest tokens only; 0 or None = all; nanochat's default
     top_p: float = 1.0          # nucleus: the fewest likeliest tokens holding top_p of the mass; 1 = off
     max_tokens: int = 256       # new tokens per answer at most, forced tool tokens included; nanochat chat_cli's 256
     seed: int = 42              # seeds the sampling torch.Generator: same prompt + seed = same answer
@@ -79,8 +80,8 @@ class SampleConfig:
     def __post_init__(self):
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
             raise ValueError(f"temperature {self.temperature} is out of range; use 0 (greedy) to {MAX_TEMPERATURE}")
-        if self.top_k is not None and not 1 <= self.top_k <= MAX_TOP_K:
-            raise ValueError(f"top_k {self.top_k} is out of range; use 1 to {MAX_TOP_K}, or None for no limit")
+        if self.top_k is not None and not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k {self.top_k} is out of range; use 1 to {MAX_TOP_K}, or 0 for no limit")
         if not 0 <= self.top_p <= 1:
             raise ValueError(f"top_p {self.top_p} is out of range; use 0 (likeliest token only) to 1 (off)")
         if not 1 <= self.max_tokens <= MAX_NEW_TOKENS:

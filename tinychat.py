@@ -23,10 +23,10 @@ Examples:
     python tinychat.py --run-dir /tmp/smoke
 """
 import argparse
-import sys
 from dataclasses import asdict
 
 from bpe import render_for_completion
+from cli import add_config_args, config_from_args, run_main
 from data import default_run_dir
 from gpt import pick_device, pick_precision
 from sampler import PHASE_DIRS, SampleConfig, generate, load_model, stream_text
@@ -90,38 +90,31 @@ def chat(model, tok, cfg: SampleConfig, phase: str, precision: str):
 
 def main(argv=None):
     """Parse the flags, load the model, then answer the one prompt or open the chat."""
-    # -t, -k and --max-tokens default to sampler.SampleConfig's values: one place declares them
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Examples:")[1],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("Examples:")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", help="answer this one prompt and exit; without it, chat")
     parser.add_argument("--phase", choices=PHASE_DIRS, default=None,
                         help="which model to load (default: the newest of sft, mid, base)")
-    parser.add_argument("--run-dir", default=None, help=f"run directory of train_all.py (default: {default_run_dir()})")
-    parser.add_argument("-t", "--temperature", type=float, default=SampleConfig.temperature,
-                        help=f"0 = always the likeliest token (default: {SampleConfig.temperature})")
-    parser.add_argument("-k", "--top-k", type=int, default=SampleConfig.top_k,
-                        help=f"sample among the k likeliest tokens; 0 = all (default: {SampleConfig.top_k})")
-    parser.add_argument("--max-tokens", type=int, default=SampleConfig.max_tokens,
-                        help=f"tokens per answer at most (default: {SampleConfig.max_tokens})")
+    parser.add_argument("--run-dir", default=None,
+                        help=f"run directory of train_all.py (default: {default_run_dir()})")
+    # -t, -k, --top-p, --max-tokens, --seed: sampler.SampleConfig's fields, declared once there
+    add_config_args(parser, SampleConfig, short={"temperature": "-t", "top_k": "-k"})
     args = parser.parse_args(argv)
-    try:  # bad flags and a missing model end with one line saying what to do, not a traceback
-        cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_tokens)
-        device = pick_device()
-        model, tok, phase = load_model(args.run_dir or default_run_dir(), args.phase, device)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"tinychat: {e}")
+    cfg = config_from_args(args, SampleConfig)
+    device = pick_device()
     precision = pick_precision(device)
+    model, tok, phase = load_model(args.run_dir or default_run_dir(), args.phase, device)
     if args.prompt is None:
         chat(model, tok, cfg, phase, precision)
     elif phase == "base":
         respond(model, tok, [tok.bos_id] + tok.encode(args.prompt), cfg, cfg.seed, precision)
     else:
-        try:
-            respond(model, tok, render_for_completion(tok, {"messages": [{"role": "user", "content": args.prompt}]}),
-                    cfg, cfg.seed, precision)
-        except ValueError as e:  # the prompt alone is longer than the context
-            sys.exit(f"tinychat: {e}")
+        # a prompt longer than the context raises a ValueError: run_main prints it as one line
+        messages = [{"role": "user", "content": args.prompt}]
+        respond(model, tok, render_for_completion(tok, {"messages": messages}), cfg, cfg.seed,
+                precision)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "tinychat")

@@ -20,7 +20,7 @@ def test_tinychat_one_shot_and_interactive():
         try:
             run_quiet(tinychat.main, ["--run-dir", tmp, "hi"])
             raise AssertionError("no model, yet tinychat did not stop")
-        except SystemExit as e:
+        except FileNotFoundError as e:
             assert "python train_all.py" in str(e), f"the no-model message should say what to run: {e}"
         tok = Tokenizer.train([" ".join(WORDS)] * 20, 300)
         tok.save(os.path.join(tmp, "tokenizer.bin"))
