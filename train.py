@@ -33,7 +33,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -42,12 +42,14 @@ from evals import evaluate_bpb, sample, val_tensor
 from gpt import autocast, load_checkpoint, load_optim_state, save_checkpoint
 from optim import make_optimizers
 
+PLAN_STEPS = 5  # timed steps (after 3 warm-up ones) whose median speed plans a budgeted phase
 
-@dataclass
+
 @dataclass
 class TrainConfig:
     """Knobs every training phase has; each phase below sets its own defaults."""
-    num_steps: int = 1000        # optimizer steps
+    num_steps: int = 0           # optimizer steps; 0 = as many as `minutes` allows on this machine
+    minutes: float = 0.0         # wall-clock budget of the phase, evals included (when num_steps is 0)
     device_batch_size: int = 32  # rows per forward pass; lower it if memory runs out
     total_batch_tokens: int = 8192  # tokens per optimizer step; the rest is gradient accumulation
     embedding_lr: float = 0.2    # AdamW lr of the token embedding (nanochat)
@@ -67,6 +69,12 @@ class TrainConfig:
         if not 0 <= self.warmup_frac + self.warmdown_frac <= 1:
             raise ValueError(f"warmup_frac {self.warmup_frac} + warmdown_frac {self.warmdown_frac} "
                              f"must lie between 0 and 1")
+        if self.num_steps <= 0 and self.minutes <= 0:
+            raise ValueError(f"give a number of steps or a budget in minutes; got num_steps "
+                             f"{self.num_steps}, minutes {self.minutes}")
+        if self.num_steps <= 0 and self.warmup_frac > 0:
+            raise ValueError("a warmup needs an explicit num_steps: with a budget in minutes the "
+                             "first steps run before the number of steps is known")
 
 
 @dataclass
@@ -112,6 +120,8 @@ def muon_momentum(step: int) -> float:
 class LoopState:
     """What the training loop carries from step to step; a checkpoint saves it through asdict."""
     step: int = 0                # optimizer steps done
+    num_steps: int = 0           # the plan: optimizer steps of the whole phase; 0 until it is made
+    step_s: float = 0.0          # seconds per step measured for the plan (0: num_steps was given)
     ema: float = 0.0             # exponential moving average of the train loss, not yet debiased
     elapsed: float = 0.0         # seconds of training so far, summed over every resume
     data: list = field(default_factory=list)   # each rank's data-stream state, to resume exactly
@@ -150,10 +160,29 @@ def restore(out_dir: str, model, optimizers, rt: Runtime) -> LoopState:
     return LoopState(data=[None] * rt.world_size)
 
 
+def plan_steps(cfg: TrainConfig, loop: LoopState, step_times: list, eval_s: float, elapsed: float,
+               rt: Runtime) -> int:
+    """The phase's number of optimizer steps: as many as fit in cfg.minutes on this machine.
+
+    Made once, from the median of the first timed steps and the time of the first evaluation
+    (eval_s): with S seconds left, a step of s seconds and an eval of e seconds every E steps,
+    n more steps cost n*s + (n/E + 1)*e, so n = (S - e) / (s + e/E). Rank 0 decides for all ranks.
+    """
+    step_s = sorted(step_times)[len(step_times) // 2]
+    left_s = cfg.minutes * 60 - elapsed
+    more = int((left_s - eval_s) / (step_s + eval_s / cfg.eval_every))
+    plan = torch.tensor([loop.step + max(more, 1), step_s], dtype=torch.float64)
+    if rt.world_size > 1:  # NOTE: every rank must stop at the same step, or the all-reduce hangs
+        dist.broadcast(plan, src=0)
+    loop.step_s = plan[1].item()
+    return int(plan[0].item())
+
+
 def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches, rt: Runtime) -> dict:
-    """Train `model` in place for cfg.num_steps optimizer steps, resuming from the newest checkpoint
-    in out_dir, and save it there as the phase's final model; return the results for the report.
-    make_batches(state) gives this rank's iterator of (x, y, state), (B, T) int64 each."""
+    """Train `model` in place, resuming from the newest checkpoint in out_dir, and save it there as
+    the phase's final model; return the results for the report. make_batches(state) gives this
+    rank's iterator of (x, y, state), (B, T) int64 each. The number of steps is cfg.num_steps, or
+    planned after the first PLAN_STEPS timed steps to fill cfg.minutes (see plan_steps)."""
     T = model.config.seq_len
     rows_per_pass = cfg.device_batch_size * rt.world_size
     grad_accum = cfg.total_batch_tokens // (rows_per_pass * T)
@@ -164,31 +193,35 @@ def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches, 
     lrs = {k: getattr(cfg, k) * cfg.lr_frac for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
     optimizers = make_optimizers(model, **lrs)
     loop = restore(out_dir, model, optimizers, rt)
+    if cfg.num_steps:  # given: no plan to make
+        loop.num_steps = cfg.num_steps
     batches = make_batches(loop.data[rt.rank])
     val = val_tensor(rt.run_dir, T, max(1, cfg.eval_tokens // T))
     token_bytes = torch.tensor(tok.token_byte_lengths())
+    budget = f"{cfg.num_steps:,} steps" if cfg.num_steps else f"a {cfg.minutes:g} min budget"
     rt.log(f"{model.num_params():,} parameters | {model.flops_per_token():.3g} FLOPs/token | "
            f"{cfg.total_batch_tokens:,} tokens/step = {cfg.device_batch_size} rows x {T} x "
-           f"{rt.world_size} processes x {grad_accum} grad-accum | {cfg.num_steps:,} steps | "
-           f"{rt.precision}")
+           f"{rt.world_size} processes x {grad_accum} grad-accum | {budget} | {rt.precision}")
     start_step = loop.step
     t_start = time.time() - loop.elapsed
     t_saved = time.time()
     step_times = []
+    eval_s = 0.0  # seconds the first evaluation took, for the plan
     while True:
         step = loop.step
         loop.elapsed = time.time() - t_start
-        is_last = step == cfg.num_steps
+        is_last = step == loop.num_steps > 0  # 0: not planned yet
         # --- evaluate and sample (rank 0 only; the other ranks wait in the next all-reduce) ---
         is_eval_step = is_last or step % cfg.eval_every == 0
         if rt.rank == 0 and is_eval_step and not (step == start_step > 0):
+            t0 = time.time()
             bpb, val_loss = evaluate_bpb(model, val, token_bytes, rt.device, rt.precision,
                                          cfg.device_batch_size)
             loop.val.append([step, val_loss, bpb])
             rt.log(f"eval | {phase} | step {step:04d} | val_bpb {bpb:.4f}")
-            samples = sample(model, tok, phase != "pretrain", 24, rt.precision) if step > 0 else []
-            for prompt, text in samples:
+            for prompt, text in sample(model, tok, phase != "pretrain", 24, rt.precision):
                 rt.log(f"sample | {prompt!r} -> {text!r}")
+            eval_s = eval_s or time.time() - t0
         if is_last:
             return finish(phase, out_dir, model, cfg, loop, rt)
         # --- checkpoint every few minutes (not right after a resume: that one is on disk) ---
@@ -211,20 +244,28 @@ def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches, 
             (loss / grad_accum).backward()
             loss_sum += loss.item() / grad_accum
         # --- update: both optimizers at this step's lr and momentum ---
-        scale = lr_scale(step, cfg)
+        # before the plan the lr is the schedule's start: no warmup, the warmdown not begun
+        scale = lr_scale(step, replace(cfg, num_steps=loop.num_steps)) if loop.num_steps else 1.0
         optimizer_step(model, optimizers, scale, muon_momentum(step), rt)
-        # --- log: the loss as a bias-corrected EMA, the ETA from steps after the first 3 ---
         dt = time.time() - t0
         if step - start_step >= 3:  # the first steps pay for warm-up: leave them out of the ETA
             step_times.append(dt)
+        loop.step = step + 1
+        # --- plan: the number of steps, once, from the first timed steps ---
+        if not loop.num_steps and len(step_times) == PLAN_STEPS:
+            loop.num_steps = plan_steps(cfg, loop, step_times, eval_s, time.time() - t_start, rt)
+            rt.log(f"plan | {phase} | {cfg.minutes:g} min = {loop.num_steps:,} steps at "
+                   f"{loop.step_s:.2f} s/step and {eval_s:.1f} s per eval")
+        # --- log: the loss as a bias-corrected EMA, the ETA from steps after the first 3 ---
         # ema <- 0.9*ema + 0.1*loss; dividing by 1 - 0.9^(step+1) removes the pull towards 0
         loop.ema = 0.9 * loop.ema + 0.1 * loss_sum
         smooth = loop.ema / (1 - 0.9 ** (step + 1))
-        loop.step = step + 1
-        if step % cfg.log_every == 0 or step == cfg.num_steps - 1:
+        num_steps = loop.num_steps
+        if step % cfg.log_every == 0 or step == num_steps - 1:
             loop.train.append([step, smooth])
-            eta = sum(step_times) / max(len(step_times), 1) * (cfg.num_steps - step - 1) / 60
-            rt.log(f"step {step:04d}/{cfg.num_steps:04d} | loss {smooth:.4f} | lr_scale {scale:.2f} | "
+            steps_left = max(num_steps - step - 1, 0)
+            eta = sum(step_times) / max(len(step_times), 1) * steps_left / 60
+            rt.log(f"step {step:04d}/{num_steps:04d} | loss {smooth:.4f} | lr_scale {scale:.2f} | "
                    f"dt {dt * 1000:.0f} ms | {cfg.total_batch_tokens / dt:,.0f} tok/s | "
                    f"eta {eta:.1f} min")
 
@@ -250,8 +291,9 @@ def finish(phase: str, out_dir: str, model, cfg: TrainConfig, loop: LoopState, r
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     results = {
         "params": model.num_params(),
-        "steps": cfg.num_steps,
-        "tokens": cfg.num_steps * cfg.total_batch_tokens,
+        "steps": loop.num_steps,
+        "tokens": loop.num_steps * cfg.total_batch_tokens,
+        "step_s": loop.step_s,
         "minutes": loop.elapsed / 60,
         "train_loss": loop.train[-1][1] if loop.train else None,
         "val_bpb": loop.val[-1][2] if loop.val else None,

@@ -34,7 +34,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -86,20 +86,22 @@ class PretrainConfig(TrainConfig):
     """Pretraining: the GPT learns to continue documents from the token cache."""
     depth: int = 4               # transformer blocks
     head_dim: int = 64           # width per attention head; n_embd = 64 * depth rounded up to it
-    seq_len: int = 256           # context length in tokens (midtrain and SFT inherit it)
-    num_steps: int = 900         # optimizer steps
+    seq_len: int = 256           # context length in tokens of pretraining
+    minutes: float = 35.0        # wall-clock budget, evals included (when num_steps is 0)
 
 
 @dataclass
 class MidtrainConfig(TrainConfig):
     """Midtraining: conversations, tool use and multiple choice, every token trained."""
-    num_steps: int = 120         # optimizer steps
+    seq_len: int = 0             # tokens per row; 0 = the pretrained model's context
+    minutes: float = 5.0         # wall-clock budget, evals included (when num_steps is 0)
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning: one conversation per row, only assistant tokens trained."""
-    num_steps: int = 80          # optimizer steps
+    seq_len: int = 0             # tokens per row at most; 0 = the previous model's context
+    minutes: float = 4.0         # wall-clock budget, evals included (when num_steps is 0)
     lr_frac: float = 0.02        # nanochat SFT starts at 2% of the base lrs
     warmdown_frac: float = 1.0   # lr falls linearly to 0 over the whole phase, as in nanochat
 
@@ -209,6 +211,8 @@ def run_training_phase(phase: str, cfgs: dict, rt: Runtime) -> dict:
     else:
         previous = TRAINING[TRAINING.index(phase) - 1]
         model, _ = load_checkpoint(rt.path(OUTPUTS[previous]), rt.device)
+        if cfg.seq_len:  # a longer context than pretraining: the rotary tables reach 10x it
+            model.config = replace(model.config, seq_len=cfg.seq_len)
         if phase == "midtrain":
             conversations, batches = midtrain_conversations(rt.run_dir), midtrain_batches
         else:
@@ -319,9 +323,9 @@ def estimate(cfgs: dict, rt: Runtime) -> tuple:
     flops = FLOPS_PER_S[rt.device.type] * rt.world_size
     chars = (run.num_train_shards + 1) * SHARD_CHARS
     minutes = {}
-    for ph in TRAINING:
+    for ph in TRAINING:  # a budget where there is one, else the FLOPs of the steps asked for
         train_flops = cfgs[ph].num_steps * cfgs[ph].total_batch_tokens * model.flops_per_token()
-        minutes[ph] = train_flops / flops / 60
+        minutes[ph] = train_flops / flops / 60 if cfgs[ph].num_steps else cfgs[ph].minutes
     ev = cfgs["eval"]  # eval scores its tokens with forward passes only: 1/3 of a training step
     eval_tokens = (ev.bpb_tokens or SHARD_CHARS / CHARS_PER_TOKEN) + 2 * ev.chat_bpb_tokens
     minutes["eval"] = eval_tokens * model.flops_per_token() / 3 / flops / 60

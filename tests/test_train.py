@@ -1,8 +1,17 @@
 """
-Tests of train.py: the lr schedule and Muon's momentum warmup (exact resume is tested end to end
-in test_train_all.py).
+Tests of train.py: the lr schedule, Muon's momentum warmup, and the steps planned from a budget in
+minutes (exact resume is tested end to end in test_train_all.py).
 """
-from train import lr_scale, muon_momentum
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+import train_all
+from tests.fixtures import prepared_run_dir, run_quiet, tiny_argv
+from train import LoopState, Runtime, lr_scale, muon_momentum, plan_steps
 from train_all import MidtrainConfig, PretrainConfig, SFTConfig
 
 
@@ -16,3 +25,53 @@ def test_train_lr_schedule_known_values():
     assert [lr_scale(s, warm) for s in (0, 1, 2, 8, 9)] == [0.5, 1.0, 1.0, 1.0, 0.75], "warmup/final_lr_frac wrong"
     assert [round(muon_momentum(s), 12) for s in (0, 150, 300, 1000)] == [0.85, 0.9, 0.95, 0.95], \
         "Muon momentum warmup wrong"
+
+
+def test_train_plan_steps_known_values():
+    """A budget's plan: with 540 s left, 1 s steps (median) and a 10 s eval every 100 steps,
+    (540 - 10) / (1 + 10/100) = 481 more steps; the measured speed is recorded."""
+    cfg = PretrainConfig(minutes=10, eval_every=100)
+    loop = LoopState(step=8)
+    rt = Runtime(torch.device("cpu"), "fp32", 0, 1, "")
+    plan = plan_steps(cfg, loop, [1.0, 1.0, 2.0, 1.0, 0.5], 10.0, 60.0, rt)
+    assert plan == 8 + 481, f"planned {plan} steps, expected 489: the budget arithmetic is off"
+    assert loop.step_s == 1.0, f"recorded {loop.step_s} s/step, expected the median 1.0"
+
+
+def test_train_budget_plan_is_recorded_kept_on_resume_and_overridden():
+    """A phase with a minutes budget plans its steps from its first timed steps, records the plan,
+    keeps it after a kill and resume, and an explicit --num-steps replaces the budget."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _, mirror, prepared = prepared_run_dir()
+        run_dir = shutil.copytree(prepared, os.path.join(tmp, "run"))
+        budget = ["--pretrain-num-steps", "0", "--pretrain-minutes", "0.04",
+                  "--pretrain-save-every-min", "0", "--only", "pretrain"]
+        real, taken = train_all.pretrain_batches, []
+
+        # 2 batches a step; the plan is made after step 7 (3 warm-up + PLAN_STEPS timed steps) and
+        # plans at least one more step, so the kill lands in step 8 whatever the machine's speed
+        def dies_after_16_batches(*args, **kwargs):
+            for batch in real(*args, **kwargs):
+                if len(taken) == 16:
+                    raise KeyboardInterrupt("simulated kill")
+                taken.append(1)
+                yield batch
+        train_all.pretrain_batches = dies_after_16_batches
+        try:
+            run_quiet(train_all.main, tiny_argv(run_dir, mirror) + budget)
+            raise AssertionError("the simulated kill did not happen")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            train_all.pretrain_batches = real
+        loop = json.load(open(os.path.join(run_dir, "base", "resume", "meta.json")))["loop"]
+        assert loop["num_steps"] > loop["step"] == 8 and loop["step_s"] > 0, f"no plan saved: {loop}"
+        log = run_quiet(train_all.main, tiny_argv(run_dir, mirror) + budget)
+        assert "resuming from" in log and "plan |" not in log, f"the plan was made again:\n{log}"
+        results = json.load(open(os.path.join(run_dir, "base", "meta.json")))["results"]
+        assert results["steps"] == loop["num_steps"], f"{results['steps']} steps run, plan {loop}"
+        shutil.rmtree(os.path.join(run_dir, "base"))
+        explicit = [a if a != "0" else "6" for a in budget]  # --pretrain-num-steps 6
+        run_quiet(train_all.main, tiny_argv(run_dir, mirror) + explicit)
+        results = json.load(open(os.path.join(run_dir, "base", "meta.json")))["results"]
+        assert results["steps"] == 6 and results["step_s"] == 0, f"--num-steps ignored: {results}"
