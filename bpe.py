@@ -241,7 +241,8 @@ def count_chunks(texts, progress=None) -> Counter:
     # worker are in flight, so a long iterable is never read into memory all at once.
     # NOTE: on macOS/Windows the workers re-import the caller's script, so a script calling
     # this needs the usual `if __name__ == "__main__":` guard (every tinychat entry point has it).
-    num_workers = os.cpu_count() or 1
+    # the CPUs this process may use (cli.usable_cpus, written out: layer 0 imports nothing)
+    num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     total, pending, num_chars = Counter(), deque(), 0
     # NOTE: bpe.py imports no project module (layer 0), so the caller hands in its printer
     printer = progress("split", None, "chars") if progress else None

@@ -30,6 +30,7 @@ References:
 """
 import dataclasses
 import inspect
+import os
 import re
 import sys
 import time
@@ -108,6 +109,18 @@ class Progress:
         if self.total and not is_final:
             line += f" | eta {(self.total - done) / max(rate, 1e-9):.0f} s"
         print(line, flush=True)
+
+
+# --- the machine ---
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: fewer than the machine's under taskset or a container limit."""
+    # NOTE: os.cpu_count() counts the machine's CPUs; a process pinned to one of them that starts
+    # a thread or worker per counted CPU runs them all on that one, each slower than alone.
+    # sched_getaffinity is Linux-only; elsewhere the machine's count is the best guess.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 # --- errors a user can fix ---

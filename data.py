@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bpe import render_conversation
-from cli import Progress
+from cli import Progress, usable_cpus
 
 # The ClimbMix shards nanochat HEAD trains on; shard_06542 is its pinned validation shard.
 SHARD_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{:05d}.parquet"
@@ -302,7 +302,7 @@ def build_token_cache(run_dir: str, tok) -> dict:
     total = sum(m.row_group(i).total_byte_size for m in files for i in range(m.num_row_groups))
     progress = Progress("tokenize", total, "MB", scale=1e6)
     done = 0
-    with multiprocessing.Pool(os.cpu_count(), initializer=_encode_init, initargs=(tok,)) as pool:
+    with multiprocessing.Pool(usable_cpus(), initializer=_encode_init, initargs=(tok,)) as pool:
         for split, paths in splits.items():
             jobs = []
             for path in paths:

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from bpe import Tokenizer
-from cli import Progress, add_config_args, config_from_args, run_main
+from cli import Progress, add_config_args, config_from_args, run_main, usable_cpus
 from data import (build_token_cache, default_run_dir, download_all, midtrain_batches,
                   pretrain_batches, sft_batches, tokenizer_texts)
 from evals import evaluate_model
@@ -187,7 +187,7 @@ def make_runtime(run: RunConfig) -> Runtime:
     if device.type == "cpu":
         # NOTE: processes on one machine share its cores; more threads than cores slow every step
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+        torch.set_num_threads(max(1, usable_cpus() // local_processes))
     run_dir = os.path.expanduser(run.run_dir or default_run_dir())
     os.makedirs(run_dir, exist_ok=True)
     return Runtime(device, pick_precision(device), rank, world_size, run_dir)
