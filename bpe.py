@@ -45,8 +45,7 @@ import numpy as np
 #   contractions                              "'ll"
 #   1 or 2 digits (GPT-4: 1 to 3)             "12", "34", "5"
 #   a punctuation run, newlines after it      "!!\n"
-#   whitespace, leaving the last space for    " " (before 12345), " " (before " ok")
-#   the word after it
+#   whitespace, minus the next word's space   " " (before 12345), " " (before " ok")
 # Stdlib re has no \p{L} (letter) or \p{N} (number), so we build them from \w, \d and _:
 #   number  ~ [\d<OTHER_NUMBERS>]         decimal digits (category Nd) plus the list below
 #   letter  ~ [^\W\d_<OTHER_NUMBERS>]     word characters that are none of those, nor _
@@ -59,9 +58,10 @@ import numpy as np
 # chunking in every document. Without OTHER_NUMBERS 22 of 6,042 documents (202 chunks) differ.
 # Rarer numbers (e.g. Tibetan half digits) still count as letters, and re's \s also matches
 # the separators \x1c-\x1f. Possessive quantifiers (?+, ++) need Python >= 3.11.
-OTHER_NUMBERS = r"\u00b2\u00b3\u00b9\u00bc-\u00be\u2070\u2074-\u2079\u2080-\u2089\u2150-\u2182\u2185-\u2189\u2460-\u249b"
-SPLIT_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|(?:[^\r\n\w]|_)?+[^\W\d_" + OTHER_NUMBERS + r"]+|[\d" + OTHER_NUMBERS
-                 + r"]{1,2}| ?(?:[^\s\w]|_)++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+")
+OTHER_NUMBERS = (r"\u00b2\u00b3\u00b9\u00bc-\u00be\u2070\u2074-\u2079\u2080-\u2089\u2150-\u2182"
+                 r"\u2185-\u2189\u2460-\u249b")
+SPLIT_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|(?:[^\r\n\w]|_)?+[^\W\d_" + OTHER_NUMBERS + r"]+|[\d"
+                 + OTHER_NUMBERS + r"]{1,2}| ?(?:[^\s\w]|_)++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+")
 
 # nanochat's special tokens, in nanochat's order; their ids follow the last merge.
 # <|bos|> starts every document and every conversation; user and assistant turns sit between
@@ -153,8 +153,8 @@ class Tokenizer:
     def encode(self, text: str) -> list:
         """Text -> list of ids. Special-token text such as "<|bos|>" is encoded as ordinary text."""
         # Most chunks repeat (" the", " of", ...), so each distinct chunk is encoded once and
-        # cached; a document whose chunks are all cached is one chain of dict lookups.
-        # Measured on 61 MB of text at 32,768 tokens: 12 s of CPU = split 4 + lookups 3 + encode_chunk 4.5.
+        # cached; a document whose chunks are all cached is one chain of dict lookups. Measured
+        # on 61 MB of text at 32,768 tokens: 12 s of CPU = split 4 + lookups 3 + encode_chunk 4.5.
         # NOTE: the cache is bounded; without the reset a long-lived server would grow forever.
         if len(self.cache) > CACHE_LIMIT:
             self.cache.clear()
@@ -173,7 +173,8 @@ class Tokenizer:
         ids, names = [int(i) for i in ids], {i: name.encode() for name, i in self.special_ids.items()}
         if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:  # a negative id would wrap around silently
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got ids from {min(ids)} to {max(ids)}")
-        return b"".join(names[i] if i in names else self.vocab_bytes[i] for i in ids).decode("utf-8", errors="replace")
+        text_bytes = b"".join(names[i] if i in names else self.vocab_bytes[i] for i in ids)
+        return text_bytes.decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (b"" for special tokens)."""
@@ -198,7 +199,7 @@ class Tokenizer:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def save(self, path: str):
-        r"""Write a text file: version line, pattern, specials, then one "left right" line per merge.
+        r"""Write a text file: version line, pattern, specials, then a "left right" line per merge.
 
         A 32,768 tokenizer is ~300 KB, readable with `head`:
           tinychat-bpe 1
@@ -222,8 +223,9 @@ class Tokenizer:
         # NOTE: the pattern and specials are checked too: a tokenizer trained with another
         # SPLIT_PATTERN would load fine and then silently encode differently from training.
         if lines[:3] != [FILE_VERSION, SPLIT_PATTERN, " ".join(SPECIAL_TOKENS)]:
-            raise ValueError(f"{path} is not a '{FILE_VERSION}' file with this SPLIT_PATTERN and these special tokens "
-                             f"(it starts {lines[0][:40]!r}); delete it and {retrain}")
+            raise ValueError(f"{path} is not a '{FILE_VERSION}' file with this SPLIT_PATTERN and "
+                             f"these special tokens (it starts {lines[0][:40]!r}); "
+                             f"delete it and {retrain}")
         return cls(line.split() for line in lines[3:] if line)
 
 
@@ -272,8 +274,9 @@ def _layout(chunks, counts):
     instead of shifting the array).
     """
     lengths = np.array([len(chunk) for chunk in chunks], dtype=np.int64)   # (num_chunks,)
-    text_bytes = np.frombuffer(b"".join(chunks), dtype=np.uint8).astype(np.int32)   # all chunks, back to back
-    ids = np.append(np.insert(text_bytes, np.cumsum(lengths) - lengths, -1), -1)  # (N,) -1 before each chunk and at the end
+    # text_bytes: all chunks, back to back; ids: a -1 before each chunk and at the end
+    text_bytes = np.frombuffer(b"".join(chunks), dtype=np.uint8).astype(np.int32)
+    ids = np.append(np.insert(text_bytes, np.cumsum(lengths) - lengths, -1), -1)  # (N,)
     weight = np.concatenate([[0], np.repeat(counts, lengths + 1)])         # (N,) int64
     nxt = np.minimum(np.arange(len(ids), dtype=np.int32) + 1, len(ids) - 1)   # (N,)
     prv = np.maximum(np.arange(len(ids), dtype=np.int32) - 1, 0)              # (N,)
@@ -291,8 +294,8 @@ def _sorted_runs(keys, values):
 
 
 def _add_counts(counts_of, heap, keys, weights):
-    """counts_of[k] += the sum of weights where keys == k; a count that rose is pushed on the heap."""
-    # one signed sum per run: keys [9, 5, 5], weights [1, 1, 2] -> np.add.reduceat([1, 2, 1], [0, 2]) = [3, 1]
+    """counts_of[k] += sum of weights where keys == k; a count that rose is pushed on the heap."""
+    # a signed sum per run: keys [9,5,5], weights [1,1,2] -> np.add.reduceat([1,2,1], [0,2]) = [3,1]
     run_keys, starts, weights = _sorted_runs(keys, weights)
     for k, d in zip(run_keys.tolist(), np.add.reduceat(weights, starts).tolist()):
         counts_of[k] = counts_of.get(k, 0) + d
@@ -308,7 +311,7 @@ def _index_pairs(where, pos, keys):
 
 
 def _pop_most_frequent(heap, counts_of):
-    """The key with the highest count (ties: the smallest key), taken off the heap; None if no pair is left."""
+    """The highest-count key (ties: the smallest), taken off the heap; None if no pair is left."""
     # Heap entries are pushed when a count rises and go stale when it falls, so an entry holds an
     # upper bound of its key's count: a stale top is pushed back with its true count, and the
     # first top whose count is still true beats every other key.
@@ -331,7 +334,7 @@ def _left_to_right(p, nxt):
     is_chained [F, T, T, F], chain_start [0, 3], rank_in_chain [0, 1, 2, 0] -> keep [3, 5, 9].
     """
     p = np.sort(p)
-    is_chained = np.concatenate([[False], nxt[p[:-1]] == p[1:]])   # p[j] starts at p[j-1]'s right half
+    is_chained = np.concatenate([[False], nxt[p[:-1]] == p[1:]])   # p[j] is at p[j-1]'s right half
     chain_start = np.flatnonzero(~is_chained)
     rank_in_chain = np.arange(len(p)) - chain_start[np.cumsum(~is_chained) - 1]
     return p[rank_in_chain % 2 == 0]
@@ -373,7 +376,7 @@ def learn_merges(chunks, counts, num_merges, progress=None) -> list:
     V = 256 + num_merges
 
     def pair_keys(pos):
-        """Positions pos (M,) -> (pos, keys) of the pairs starting there whose two symbols are live."""
+        """Positions pos (M,) -> (pos, keys) of pairs starting there whose two symbols are live."""
         left, right = ids[pos], ids[nxt[pos]]                        # (M,), (M,)
         is_pair = (left >= 0) & (right >= 0)
         return pos[is_pair], left[is_pair].astype(np.int64) * V + right[is_pair]
@@ -418,14 +421,15 @@ def learn_merges(chunks, counts, num_merges, progress=None) -> list:
 # --- chat template ---
 
 def _check_conversation(conversation) -> list:
-    """Validate; return the messages with a leading system message merged into the first user turn."""
+    """Validate; return messages with a leading system message merged into the first user turn."""
     messages = conversation.get("messages") if isinstance(conversation, dict) else None
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise ValueError("a conversation must be a dict with a non-empty 'messages' list of dicts")
     if messages[0].get("role") == "system":
         # nanochat has no system token: the system text leads the first user message
         system, user = messages[0].get("content"), len(messages) > 1 and messages[1]
-        if not (user and user.get("role") == "user" and isinstance(system, str) and isinstance(user.get("content"), str)):
+        if not (user and user.get("role") == "user" and isinstance(system, str)
+                and isinstance(user.get("content"), str)):
             raise ValueError("a system message must be followed by a user message, both with string content")
         messages = [{"role": "user", "content": system + "\n\n" + user["content"]}] + messages[2:]
     for i, message in enumerate(messages):
@@ -436,7 +440,8 @@ def _check_conversation(conversation) -> list:
             raise ValueError(f"message {i} ({role}) content must be a string (assistant: or a list of parts)")
         for part in content if isinstance(content, list) else []:
             if not (isinstance(part, dict) and isinstance(part.get("text"), str) and part.get("type") in PART_TYPES):
-                raise ValueError(f"message {i} has a bad part {part!r}: want {{'type': one of {PART_TYPES}, 'text': str}}")
+                raise ValueError(f"message {i} has a bad part {part!r}: "
+                                 f"want {{'type': one of {PART_TYPES}, 'text': str}}")
     return messages
 
 

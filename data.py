@@ -3,13 +3,15 @@ Everything the training phases read: verified downloads, the token cache, and th
 
 Used by train_all.py (download and tokenize phases, then every training phase), tasks.py (the task
 parquet rows it turns into conversations) and evals.py (validation rows); imports bpe.py only for
-render_conversation and cli.py for its progress lines. Returns paths, numpy arrays and int64 torch tensors (B, T) of token ids.
+render_conversation and cli.py for its progress lines. Returns paths, numpy arrays and int64 torch
+tensors (B, T) of token ids.
 
 Design:
 - one download path for everything: `urllib` streams into `dest.tmp`, the file is checked (a parquet
   footer must parse, a zip's CRCs must match, JSON must load), then `os.replace`d; a file already on
-  disk that fails its check is fetched again. `--mirror DIR` reads https://HOST/PATH from DIR/HOST/PATH
-  as a file:// URL, `--mirror http://...` asks that server: both go through the same code as the web
+  disk that fails its check is fetched again. `--mirror DIR` reads https://HOST/PATH from
+  DIR/HOST/PATH as a file:// URL, `--mirror http://...` asks that server: both go through the same
+  code as the web
 - the run directory keeps downloads under data/HOST/PATH, so a path tells you the URL it came from
 - every shard is tokenized once, by one process per core, into tokens/{train,val}.bin (flat uint16
   when the vocab fits, else uint32), rebuilt only when the tokenizer's fingerprint or the shard list
@@ -51,7 +53,8 @@ from bpe import render_conversation
 from cli import Progress, usable_cpus
 
 # The ClimbMix shards nanochat HEAD trains on; shard_06542 is its pinned validation shard.
-SHARD_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{:05d}.parquet"
+SHARD_URL = ("https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
+             "shard_{:05d}.parquet")
 VAL_SHARD = 6542
 LISTING_URL = "https://huggingface.co/api/datasets/{}/parquet/{}/{}"
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -95,27 +98,33 @@ def shard_paths(run_dir: str, split: str) -> list:
         return [val]
     folder = os.path.dirname(val)
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    # NOTE: skip *.tmp, a download in progress is not a shard (nanochat's list_parquet_files does too)
-    paths = [os.path.join(folder, n) for n in names if n.startswith("shard_") and n.endswith(".parquet")]
+    # NOTE: skip *.tmp, a download in progress is not a shard
+    # (nanochat's list_parquet_files does too)
+    paths = [os.path.join(folder, n) for n in names
+             if n.startswith("shard_") and n.endswith(".parquet")]
     paths = [p for p in paths if p != val]
     if not paths:
-        raise FileNotFoundError(f"no training shards in {folder}; run 'python train_all.py --only download'")
+        raise FileNotFoundError(f"no training shards in {folder}; "
+                                "run 'python train_all.py --only download'")
     return paths
 
 
 # --- downloads ---
 
 def _source(url: str, mirror) -> str:
-    """The URL actually opened: the real one, the mirror server's, or a file:// URL into a mirror folder."""
+    """The URL actually opened: the real one, the mirror server's, or a file:// URL into a
+    mirror folder."""
     if not mirror:
         return url
     host_path = url.split("://", 1)[1]
     if mirror.startswith(("http://", "https://")):
         return mirror.rstrip("/") + "/" + host_path
     if not os.path.isdir(mirror):
-        raise FileNotFoundError(f"--mirror {mirror} is not a folder; give the folder that holds huggingface.co/")
+        raise FileNotFoundError(f"--mirror {mirror} is not a folder; "
+                                "give the folder that holds huggingface.co/")
     path = Path(mirror, *host_path.split("/")).resolve()
-    # A listing URL is also a folder in the mirror (its shards live under it): its body is index.json.
+    # A listing URL is also a folder in the mirror (its shards live under it):
+    # its body is index.json.
     return (path / "index.json" if path.is_dir() else path).as_uri()
 
 
@@ -171,25 +180,30 @@ def fetch(url: str, dest: str, mirror=None, timeout: float = 30.0, max_attempts:
             check_file(tmp, os.path.splitext(dest)[1])  # NOTE: tmp ends in .tmp: name the real kind
             os.replace(tmp, dest)
             return dest
-        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError/HTTPError are OSErrors
+        # URLError/HTTPError are OSErrors
+        except (OSError, ValueError, http.client.HTTPException) as e:
             error = e
             if os.path.exists(tmp):
                 os.remove(tmp)
-            if src.startswith("file:") or (isinstance(e, urllib.error.HTTPError) and e.code < 500 and e.code != 429):
+            if src.startswith("file:") or (isinstance(e, urllib.error.HTTPError)
+                                           and e.code < 500 and e.code != 429):
                 break
             if attempt + 1 < max_attempts:
-                print(f"download {url} failed ({e}); retry {attempt + 1} in {backoff_s * 2 ** attempt:g} s", flush=True)
+                print(f"download {url} failed ({e}); "
+                      f"retry {attempt + 1} in {backoff_s * 2 ** attempt:g} s", flush=True)
                 time.sleep(backoff_s * 2 ** attempt)
     hint = (f"is {mirror} a complete mirror? (see its README)" if mirror else
-            "check the network and rerun, or pass --mirror DIR pointing at an offline copy (see README)")
+            "check the network and rerun, or pass --mirror DIR pointing at an offline copy "
+            "(see README)")
     raise ConnectionError(f"could not download {src} ({error}); {hint}") from error
 
 
 def fetch_task(run_dir: str, name: str, mirror=None, backoff_s: float = 2.0) -> list:
     """Fetch one TASKS entry through the HF parquet listing API; return its parquet paths.
 
-    The listing (a JSON list of shard URLs) is stored as .../{split}/index.json, the shards under their
-    own URLs, and manifest.json last: it exists only when every shard is there (nanochat HEAD does so).
+    The listing (a JSON list of shard URLs) is stored as .../{split}/index.json, the shards under
+    their own URLs, and manifest.json last: it exists only when every shard is there (nanochat HEAD
+    does so).
     """
     listing_url = LISTING_URL.format(*TASKS[name])
     folder = url_to_path(run_dir, listing_url)
@@ -202,11 +216,13 @@ def fetch_task(run_dir: str, name: str, mirror=None, backoff_s: float = 2.0) -> 
     except ConnectionError as e:
         if isinstance(e.__cause__, ValueError):  # the body arrived but was not JSON, every time
             raise ValueError(f"{listing_url} did not return a JSON listing ({e.__cause__}); "
-                             "the dataset may have moved, or --mirror points at the wrong folder") from e
+                             "the dataset may have moved, or --mirror points at the wrong "
+                             "folder") from e
         raise
     urls = json.loads(Path(listing).read_text())
     if not (isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls)):
-        raise ValueError(f"{listing} is not a non-empty JSON list of URLs; delete it and rerun the download")
+        raise ValueError(f"{listing} is not a non-empty JSON list of URLs; "
+                         "delete it and rerun the download")
     paths = [fetch(u, url_to_path(run_dir, u), mirror, backoff_s=backoff_s) for u in urls]
     Path(manifest + ".tmp").write_text(json.dumps({"url": listing_url, "files": [
         os.path.relpath(p, run_dir) for p in paths]}, indent=1))
@@ -215,18 +231,21 @@ def fetch_task(run_dir: str, name: str, mirror=None, backoff_s: float = 2.0) -> 
 
 
 def task_rows(run_dir: str, name: str) -> list:
-    """Every row of a downloaded TASKS entry as a dict, shards in listing order (tasks.py converts them)."""
+    """Every row of a downloaded TASKS entry as a dict, shards in listing order (tasks.py
+    converts them)."""
     manifest = os.path.join(url_to_path(run_dir, LISTING_URL.format(*TASKS[name])), "manifest.json")
     if not os.path.exists(manifest):
-        raise FileNotFoundError(f"task data {name} is not in {run_dir}; run 'python train_all.py --only download'")
+        raise FileNotFoundError(f"task data {name} is not in {run_dir}; "
+                                "run 'python train_all.py --only download'")
     files = json.loads(Path(manifest).read_text())["files"]
     return [row for p in files for row in pq.read_table(os.path.join(run_dir, p)).to_pylist()]
 
 
 def download_all(run_dir: str, mirror=None, num_train_shards: int = 4, backoff_s: float = 2.0):
-    """The download phase: train shards 0..N-1, the val shard, every task in TASKS, the CORE bundle."""
+    """Download phase: train shards 0..N-1, the val shard, every task in TASKS, the CORE bundle."""
     for i in [*range(num_train_shards), VAL_SHARD]:
-        fetch(SHARD_URL.format(i), url_to_path(run_dir, SHARD_URL.format(i)), mirror, backoff_s=backoff_s)
+        fetch(SHARD_URL.format(i), url_to_path(run_dir, SHARD_URL.format(i)), mirror,
+              backoff_s=backoff_s)
     for name in TASKS:
         fetch_task(run_dir, name, mirror, backoff_s)
     fetch(EVAL_BUNDLE_URL, eval_bundle_path(run_dir), mirror, backoff_s=backoff_s)
@@ -238,15 +257,17 @@ def read_texts(path: str) -> list:
     """The `text` column of one parquet shard, one document per row."""
     f = pq.ParquetFile(path)
     if "text" not in f.schema_arrow.names:
-        raise ValueError(f"{path} has no 'text' column (it has {f.schema_arrow.names}); a pretraining "
-                         "shard holds one document per row in 'text': delete it and rerun the download")
+        raise ValueError(f"{path} has no 'text' column (it has {f.schema_arrow.names}); "
+                         "a pretraining shard holds one document per row in 'text': "
+                         "delete it and rerun the download")
     if f.metadata.num_rows == 0:
         raise ValueError(f"{path} has no rows; delete it and rerun the download")
     return f.read(columns=["text"]).column("text").to_pylist()
 
 
 def tokenizer_texts(run_dir: str, max_chars: int, doc_cap: int = 10_000):
-    """Yield train documents cropped to doc_cap characters until max_chars are given (nanochat tok_train)."""
+    """Yield train documents cropped to doc_cap characters until max_chars are given
+    (nanochat tok_train)."""
     left = max_chars
     for path in shard_paths(run_dir, "train"):
         for text in read_texts(path):
@@ -267,7 +288,8 @@ def _encode_init(tok):
 
 
 def _encode_part(job):
-    """Worker: (path, lo, hi, dtype) -> ([<|bos|>] + ids of each doc lo..hi-1 as one array, docs, text bytes)."""
+    """Worker: (path, lo, hi, dtype) -> ([<|bos|>] + ids of each doc lo..hi-1 as one array,
+    docs, text bytes)."""
     path, lo, hi, dtype = job
     texts, flat = read_texts(path)[lo:hi], []
     for text in texts:
@@ -277,18 +299,19 @@ def _encode_part(job):
 
 
 def build_token_cache(run_dir: str, tok) -> dict:
-    """Encode every shard once into tokens/{train,val}.bin; return the meta dict (also in meta.json).
+    """Encode every shard once into tokens/{train,val}.bin; return the meta dict (also meta.json).
 
-    Each document is stored as [<|bos|>] + its ids, documents back to back, in shard order. Each shard
-    is cut into PARTS_PER_SHARD jobs for a pool with one process per core; every worker keeps its
-    tokenizer, and so its chunk cache, for all its jobs. meta.json is written last, so it exists only
-    when both .bin files are whole. Nothing is redone while the tokenizer's fingerprint and the shard
-    list are unchanged.
+    Each document is stored as [<|bos|>] + its ids, documents back to back, in shard order. Each
+    shard is cut into PARTS_PER_SHARD jobs for a pool with one process per core; every worker keeps
+    its tokenizer, and so its chunk cache, for all its jobs. meta.json is written last, so it exists
+    only when both .bin files are whole. Nothing is redone while the tokenizer's fingerprint and the
+    shard list are unchanged.
     """
     folder = os.path.join(run_dir, "tokens")
     meta_path = os.path.join(folder, "meta.json")
     splits = {s: shard_paths(run_dir, s) for s in ("train", "val")}
-    want = {"fingerprint": tok.fingerprint(), "shards": {s: [os.path.basename(p) for p in ps] for s, ps in splits.items()}}
+    want = {"fingerprint": tok.fingerprint(),
+            "shards": {s: [os.path.basename(p) for p in ps] for s, ps in splits.items()}}
     if os.path.exists(meta_path):
         meta = json.loads(Path(meta_path).read_text())
         if all(meta.get(k) == v for k, v in want.items()):
@@ -296,7 +319,8 @@ def build_token_cache(run_dir: str, tok) -> dict:
     os.makedirs(folder, exist_ok=True)
     # uint16 halves the file and the memory traffic whenever every id fits (vocab <= 65,536)
     dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
-    meta = {**want, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "tokens": {}, "docs": {}, "text_bytes": {}}
+    meta = {**want, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
+            "tokens": {}, "docs": {}, "text_bytes": {}}
     # progress in MB of text; the total is the parquet's uncompressed size, a close estimate
     files = [pq.ParquetFile(p).metadata for ps in splits.values() for p in ps]
     total = sum(m.row_group(i).total_byte_size for m in files for i in range(m.num_row_groups))
@@ -306,17 +330,21 @@ def build_token_cache(run_dir: str, tok) -> dict:
         for split, paths in splits.items():
             jobs = []
             for path in paths:
-                bounds = np.linspace(0, pq.ParquetFile(path).metadata.num_rows, PARTS_PER_SHARD + 1).astype(int)
+                bounds = np.linspace(0, pq.ParquetFile(path).metadata.num_rows,
+                                     PARTS_PER_SHARD + 1).astype(int)
                 jobs += [(path, lo, hi, dtype) for lo, hi in zip(bounds[:-1], bounds[1:])]
             counts = np.zeros(3, dtype=np.int64)  # tokens, docs, text bytes
             with open(os.path.join(folder, f"{split}.bin.tmp"), "wb") as f:
-                for ids, num_docs, num_bytes in pool.imap(_encode_part, jobs):  # results come back in job order
+                # results come back in job order
+                for ids, num_docs, num_bytes in pool.imap(_encode_part, jobs):
                     f.write(ids.tobytes())
                     counts += (len(ids), num_docs, num_bytes)
                     done += num_bytes
                     progress.update(done)
-            os.replace(os.path.join(folder, f"{split}.bin.tmp"), os.path.join(folder, f"{split}.bin"))
-            meta["tokens"][split], meta["docs"][split], meta["text_bytes"][split] = (int(c) for c in counts)
+            os.replace(os.path.join(folder, f"{split}.bin.tmp"),
+                       os.path.join(folder, f"{split}.bin"))
+            (meta["tokens"][split], meta["docs"][split],
+             meta["text_bytes"][split]) = (int(c) for c in counts)
     progress.update(done, is_final=True)
     Path(meta_path + ".tmp").write_text(json.dumps(meta, indent=1))
     os.replace(meta_path + ".tmp", meta_path)
@@ -324,11 +352,12 @@ def build_token_cache(run_dir: str, tok) -> dict:
 
 
 def load_tokens(run_dir: str, split: str) -> np.ndarray:
-    """The token cache of a split as a read-only memory map (pages load on demand, nothing is copied)."""
+    """A split's token cache as a read-only memory map (pages load on demand, nothing is copied)."""
     folder = os.path.join(run_dir, "tokens")
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"no token cache in {folder}; run 'python train_all.py --only tokenize'")
+        raise FileNotFoundError(f"no token cache in {folder}; "
+                                "run 'python train_all.py --only tokenize'")
     meta = json.loads(Path(meta_path).read_text())
     return np.memmap(os.path.join(folder, f"{split}.bin"), dtype=meta["dtype"], mode="r")
 
@@ -337,7 +366,8 @@ def load_tokens(run_dir: str, split: str) -> np.ndarray:
 
 def pretrain_batches(run_dir: str, split: str, batch_size: int, seq_len: int, seed: int = 0,
                      state=None, rank: int = 0, world_size: int = 1):
-    """Yield (x, y, state) forever: x, y int64 (B, T) windows of the token stream, y = x shifted by one.
+    """Yield (x, y, state) forever: x, y int64 (B, T) windows of the token stream, y = x shifted
+    by one.
 
     Row r is tokens[r*T : r*T + T + 1], so every token is a target exactly once per epoch. Each
     epoch visits the rows in a permutation drawn from (seed, epoch); a step takes world_size*B rows
@@ -348,11 +378,12 @@ def pretrain_batches(run_dir: str, split: str, batch_size: int, seq_len: int, se
     B, T = batch_size, seq_len
     num_rows, per_step = (len(tokens) - 1) // T, B * world_size
     if num_rows < per_step:
-        raise ValueError(f"the {split} cache has {len(tokens):,} tokens, fewer than {per_step} rows of {T}; "
+        raise ValueError(f"the {split} cache has {len(tokens):,} tokens, "
+                         f"fewer than {per_step} rows of {T}; "
                          "use a smaller batch or seq_len, or download more shards")
     # Worked example, T=4 and 11 tokens "b a b c b d e f b g h" (b = <|bos|>): (11-1)//4 = 2 rows,
     # row 0 = tokens[0:5] = b a b c b -> x = b a b c, y = a b c b; row 1 = tokens[4:9] = b d e f b.
-    # The last token of a row is the first of the next, so "b g h" (no full row) is all that is lost.
+    # The last token of a row is the first of the next, so only "b g h" (no full row) is lost.
     epoch, row = (state["epoch"], state["row"]) if state else (0, 0)
     while True:
         order = np.random.default_rng([seed, epoch]).permutation(num_rows)
@@ -376,7 +407,8 @@ def val_rows(run_dir: str, seq_len: int) -> np.ndarray:
     tokens = load_tokens(run_dir, "val")
     R = len(tokens) // (seq_len + 1)
     if R == 0:
-        raise ValueError(f"the val cache has {len(tokens)} tokens, less than one row of {seq_len + 1}")
+        raise ValueError(f"the val cache has {len(tokens)} tokens, "
+                         f"less than one row of {seq_len + 1}")
     return tokens[:R * (seq_len + 1)].reshape(R, seq_len + 1)  # (R, T+1)
 
 
@@ -405,7 +437,8 @@ def midtrain_batches(tok, conversations: list, batch_size: int, seq_len: int, st
         window = torch.tensor(buffer[:B * T + 1], dtype=torch.int64)  # (B*T+1,)
         # keep the window's last token: it is the next batch's first input, so no target is skipped
         del buffer[:B * T]
-        yield window[:-1].view(B, T), window[1:].view(B, T), {"epoch": epoch, "cursor": cursor, "pending": list(buffer)}
+        yield (window[:-1].view(B, T), window[1:].view(B, T),
+               {"epoch": epoch, "cursor": cursor, "pending": list(buffer)})
 
 
 def sft_batches(tok, conversations: list, batch_size: int, seq_len: int, state=None):
@@ -435,13 +468,15 @@ def sft_batches(tok, conversations: list, batch_size: int, seq_len: int, state=N
                 continue
             skipped += 1
             if skipped >= len(conversations):
-                raise ValueError(f"no conversation has an assistant token within {seq_len + 1} tokens; "
-                                 "raise seq_len or check the conversations")
+                raise ValueError(f"no conversation has an assistant token within {seq_len + 1} "
+                                 "tokens; raise seq_len or check the conversations")
         T = max(len(ids) for ids, _ in rows) - 1
         x = torch.full((batch_size, T), pad, dtype=torch.int64)  # (B, T)
         y = torch.full((batch_size, T), -1, dtype=torch.int64)  # (B, T)
-        # ids = [bos us hi ue as yo ae], mask = [0 0 0 0 0 1 1] (us/ue: user start/end, as/ae: assistant)
-        # -> x = [bos us hi ue as yo], y = [-1 -1 -1 -1 yo ae]: target t is ids[t+1] where mask[t+1] is 1
+        # (us/ue: user start/end, as/ae: assistant)
+        # ids = [bos us hi ue as yo ae], mask = [0 0 0 0 0 1 1]
+        # -> x = [bos us hi ue as yo], y = [-1 -1 -1 -1 yo ae]
+        # target t is ids[t+1] where mask[t+1] is 1
         for i, (ids, mask) in enumerate(rows):
             x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
             y[i, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])

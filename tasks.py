@@ -2,8 +2,9 @@
 The task datasets of midtraining, SFT and the chat evals, each as a list of conversations.
 
 Used by train_all.py (midtrain_conversations, sft_conversations) and evals.py (ARC, MMLU, GSM8K,
-HumanEval, SpellingBee); imports data.py, whose download phase fetched the parquet files. A conversation is the dict that
-bpe.render_conversation takes, {"messages": [{"role", "content"}, ...]}, plus the keys an eval needs.
+HumanEval, SpellingBee); imports data.py, whose download phase fetched the parquet files.
+A conversation is the dict that bpe.render_conversation takes,
+{"messages": [{"role", "content"}, ...]}, plus the keys an eval needs.
 
 Design:
 - every dataset is a plain list, shuffled once with np.random.default_rng(42).permutation, which
@@ -41,11 +42,14 @@ from data import TASKS, read_texts, shard_paths, task_rows
 
 
 def multiple_choice(question: str, choices: list, letters: list, answer: str, **extra) -> dict:
-    """A conversation asking question with lettered choices; the assistant replies with the letter."""
-    # NOTE: "- {choice}={letter}" with no space: " A" and "A" are different tokens, and the reply is "A"
-    prompt = (f"Multiple Choice question: {question}\n" + "".join(f"- {c}={l}\n" for l, c in zip(letters, choices))
+    """A conversation asking question with lettered choices; the assistant's reply is the letter."""
+    # NOTE: "- {choice}={letter}" with no space: " A" and "A" are different tokens,
+    # and the reply is "A"
+    prompt = (f"Multiple Choice question: {question}\n"
+              + "".join(f"- {c}={l}\n" for l, c in zip(letters, choices))
               + "\nRespond only with the letter of the correct answer.")
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+    return {"messages": [{"role": "user", "content": prompt},
+                         {"role": "assistant", "content": answer}],
             "letters": list(letters), "answer": answer, **extra}
 
 
@@ -66,7 +70,7 @@ def gsm8k_parts(solution: str) -> list:
 
 
 def to_conversation(name: str, row: dict) -> dict:
-    """One parquet row of TASKS[name] -> a conversation (extra keys are what evals.py checks against)."""
+    """A parquet row of TASKS[name] -> a conversation (extra keys: what evals.py checks against)."""
     if name.startswith("smoltalk"):
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
     if name.startswith("mmlu"):  # choices: 4 strings, answer: their index
@@ -78,10 +82,12 @@ def to_conversation(name: str, row: dict) -> dict:
     if name.startswith("gsm8k"):
         answer = row["answer"].split("####")[-1].strip().replace(",", "")
         return {"messages": [{"role": "user", "content": row["question"]},
-                             {"role": "assistant", "content": gsm8k_parts(row["answer"])}], "answer": answer}
+                             {"role": "assistant", "content": gsm8k_parts(row["answer"])}],
+                "answer": answer}
     # HumanEval: the prompt is a function's signature and docstring, the reply the whole function
     return {"messages": [{"role": "user", "content": row["prompt"]},
-                         {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"}],
+                         {"role": "assistant",
+                          "content": f"{row['prompt']}\n{row['canonical_solution']}"}],
             "prompt": row["prompt"], "entry_point": row["entry_point"], "test": row["test"]}
 
 
@@ -90,11 +96,12 @@ def load_task(run_dir: str, name: str) -> list:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; the tasks are {sorted(TASKS)}")
     rows = task_rows(run_dir, name)
-    return [to_conversation(name, rows[i]) for i in np.random.default_rng(42).permutation(len(rows))]
+    return [to_conversation(name, rows[i])
+            for i in np.random.default_rng(42).permutation(len(rows))]
 
 
 def task_mixture(datasets: list, seed: int = 42) -> list:
-    """Concatenate lists of conversations and shuffle them; list one twice to see it twice per epoch."""
+    """Concatenate conversation lists and shuffle them; list one twice to see it twice per epoch."""
     mixed = [conversation for dataset in datasets for conversation in dataset]
     random.Random(seed).shuffle(mixed)
     return mixed
@@ -112,11 +119,16 @@ def spelling_words(run_dir: str, max_words: int = 10_000) -> list:
 
 # 10 question templates in the spirit of nanochat's 50 (several languages, so the skill transfers)
 SPELLING_TEMPLATES = [
-    "How many {letter} are in the word {word}", "How many {letter}s are in {word}",
-    "Count the number of {letter} in {word}", "How many times does the letter {letter} appear in {word}",
-    "In the word {word}, how many {letter} are there", "What is the count of {letter} in {word}",
-    "Tell me how many {letter} there are in {word}", "¿Cuántas {letter} hay en {word}",
-    "Combien de {letter} y a-t-il dans {word}", "Wie viele {letter} sind in {word}",
+    "How many {letter} are in the word {word}",
+    "How many {letter}s are in {word}",
+    "Count the number of {letter} in {word}",
+    "How many times does the letter {letter} appear in {word}",
+    "In the word {word}, how many {letter} are there",
+    "What is the count of {letter} in {word}",
+    "Tell me how many {letter} there are in {word}",
+    "¿Cuántas {letter} hay en {word}",
+    "Combien de {letter} y a-t-il dans {word}",
+    "Wie viele {letter} sind in {word}",
 ]
 
 
@@ -125,29 +137,35 @@ def _draw(index: int, split: str) -> random.Random:
 
 
 def spelling_bee(words: list, size: int, split: str = "train") -> list:
-    """size conversations 'how many r in strawberry': spell it out, count, check with a python call."""
+    """size conversations 'how many r in strawberry': spell out, count, check with a python call."""
     conversations = []
     for index in range(size):
         rng = _draw(index, split)
         word = rng.choice(words)
         # 90% a letter of the word, 10% any letter (so "zero" is an answer it sees), as nanochat
-        letter = rng.choice(word) if rng.random() < 0.9 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        letter = (rng.choice(word) if rng.random() < 0.9
+                  else rng.choice("abcdefghijklmnopqrstuvwxyz"))
         quote_l, quote_w = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
-        question = rng.choice(SPELLING_TEMPLATES).format(letter=quote_l + letter + quote_l, word=quote_w + word + quote_w)
-        question = (question.lower() if rng.random() < 0.3 else question) + ("?" if rng.random() < 0.5 else "")
+        question = rng.choice(SPELLING_TEMPLATES).format(letter=quote_l + letter + quote_l,
+                                                         word=quote_w + word + quote_w)
+        question = ((question.lower() if rng.random() < 0.3 else question)
+                    + ("?" if rng.random() < 0.5 else ""))
         count, lines = 0, []
         for i, char in enumerate(word, 1):
             count += char == letter
             lines.append(f"{i}:{char}" + (f" hit! count={count}" if char == letter else ""))
-        manual = (f"We are asked to count the letter '{letter}' in the word '{word}'. Let me spell it out first.\n\n"
+        manual = (f"We are asked to count the letter '{letter}' in the word '{word}'. "
+                  "Let me spell it out first.\n\n"
                   f"{word}:{','.join(word)}\n\n" + "\n".join(lines) + f"\n\nThis gives us {count}.")
         parts = [{"type": "text", "text": manual},
                  {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
                  {"type": "python", "text": f"'{word}'.count('{letter}')"},
                  {"type": "python_output", "text": str(count)},
-                 {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"}]
+                 {"type": "text",
+                  "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"}]
         conversations.append({"messages": [{"role": "user", "content": question},
-                                           {"role": "assistant", "content": parts}], "answer": str(count)})
+                                           {"role": "assistant", "content": parts}],
+                              "answer": str(count)})
     return conversations
 
 
@@ -157,31 +175,43 @@ def simple_spelling(words: list, size: int, split: str = "train") -> list:
     for index in range(size):
         word = _draw(index, split).choice(words)
         conversations.append({"messages": [{"role": "user", "content": f"Spell the word: {word}"},
-                                           {"role": "assistant", "content": f"{word}:{','.join(word)}"}]})
+                                           {"role": "assistant",
+                                            "content": f"{word}:{','.join(word)}"}]})
     return conversations
 
 
 # --- synthetic tasks: identity ---
 
 IDENTITY_QA = [
-    ("Who are you?", "I am tinychat, a small chat model trained from scratch as part of a course on how chat models are made."),
+    ("Who are you?", "I am tinychat, a small chat model trained from scratch as part of a course "
+                     "on how chat models are made."),
     ("What is your name?", "My name is tinychat."),
-    ("Who made you?", "I was trained by the person who ran tinychat's training script, with code that rebuilds Andrej Karpathy's nanochat in a few small Python files."),
-    ("How big are you?", "I am tiny: thousands of times smaller than the big chat models, so I often get things wrong."),
-    ("Can I trust your answers?", "Not much. I am a small model made for learning, so please check anything important elsewhere."),
-    ("What can you do?", "I can chat a little, answer simple questions, do arithmetic with a calculator tool and spell words letter by letter."),
-    ("How were you trained?", "First I read a lot of plain text, then conversations and multiple choice questions, and finally curated chats. It all ran on an ordinary computer in about an hour."),
-    ("Are you ChatGPT?", "No, I am tinychat, a much smaller model trained from scratch. I am the same kind of model, a Transformer that predicts the next token, but not related to ChatGPT."),
+    ("Who made you?", "I was trained by the person who ran tinychat's training script, with code "
+                      "that rebuilds Andrej Karpathy's nanochat in a few small Python files."),
+    ("How big are you?", "I am tiny: thousands of times smaller than the big chat models, so I "
+                         "often get things wrong."),
+    ("Can I trust your answers?", "Not much. I am a small model made for learning, so please "
+                                  "check anything important elsewhere."),
+    ("What can you do?", "I can chat a little, answer simple questions, do arithmetic with a "
+                         "calculator tool and spell words letter by letter."),
+    ("How were you trained?", "First I read a lot of plain text, then conversations and multiple "
+                              "choice questions, and finally curated chats. It all ran on an "
+                              "ordinary computer in about an hour."),
+    ("Are you ChatGPT?", "No, I am tinychat, a much smaller model trained from scratch. I am the "
+                         "same kind of model, a Transformer that predicts the next token, but not "
+                         "related to ChatGPT."),
     ("Do you have feelings?", "No. I am a program that predicts the next piece of text."),
-    ("What languages do you speak?", "Mostly English, because almost all of my training text was English."),
+    ("What languages do you speak?", "Mostly English, because almost all of my training text "
+                                     "was English."),
     ("Where do you run?", "On the computer that runs me. I need no internet connection."),
-    ("Are you open source?", "Yes. My code is a small Python project built on numpy, PyTorch and pyarrow."),
+    ("Are you open source?", "Yes. My code is a small Python project built on numpy, PyTorch "
+                             "and pyarrow."),
 ]
 GREETINGS = ["Hi!", "Hello", "hey there", "Good morning!", "Hi, how are you?"]
 
 
 def identity_conversations() -> list:
-    """A few dozen deterministic chats about tinychat itself: each question three ways, plus greetings."""
+    """A few dozen deterministic chats about tinychat: each question three ways, plus greetings."""
     rng, conversations = random.Random(42), []
     for question, answer in IDENTITY_QA:
         for asked in (question, question.lower(), question.rstrip("?").lower()):
@@ -190,7 +220,8 @@ def identity_conversations() -> list:
         greeting = rng.choice(GREETINGS)  # and once after a greeting, as a two-turn chat
         conversations.append({"messages": [
             {"role": "user", "content": greeting},
-            {"role": "assistant", "content": "Hello! I am tinychat, a tiny chat model. How can I help?"},
+            {"role": "assistant",
+             "content": "Hello! I am tinychat, a tiny chat model. How can I help?"},
             {"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
     return conversations
 
@@ -200,23 +231,30 @@ def identity_conversations() -> list:
 def midtrain_conversations(run_dir: str, split: str = "train") -> list:
     """nanochat's midtraining mixture (mid_train.py OLD), shuffled; split "train" or "val".
 
-    The spelling tasks shrink by the factor the mirror's SmolTalk shrinks (460K -> 9,333 rows, ~50x):
-    SimpleSpelling 200,000 -> 4,000 and SpellingBee 80,000 -> 1,600. Identity is listed twice (2 epochs).
+    The spelling tasks shrink by the factor the mirror's SmolTalk shrinks (460K -> 9,333 rows,
+    ~50x): SimpleSpelling 200,000 -> 4,000 and SpellingBee 80,000 -> 1,600. Identity is listed
+    twice (2 epochs).
     """
     if split == "val":  # SmolTalk test, MMLU test[:5200], GSM8K test[:420], as nanochat
-        return task_mixture([load_task(run_dir, "smoltalk-test"), load_task(run_dir, "mmlu-test")[:5200],
+        return task_mixture([load_task(run_dir, "smoltalk-test"),
+                             load_task(run_dir, "mmlu-test")[:5200],
                              load_task(run_dir, "gsm8k-test")[:420]])
     words = spelling_words(run_dir)
     return task_mixture([load_task(run_dir, "smoltalk-train"), load_task(run_dir, "mmlu-aux"),
-                         load_task(run_dir, "gsm8k-train"), identity_conversations(), identity_conversations(),
-                         simple_spelling(words, 4000), spelling_bee(words, 1600)])
+                         load_task(run_dir, "gsm8k-train"), identity_conversations(),
+                         identity_conversations(), simple_spelling(words, 4000),
+                         spelling_bee(words, 1600)])
 
 
 def sft_conversations(run_dir: str, split: str = "train") -> list:
-    """nanochat's SFT mixture (chat_sft.py OLD, ~22K rows), shuffled; split "train" or "val" (SmolTalk test)."""
+    """nanochat's SFT mixture (chat_sft.py OLD, ~22K rows), shuffled; split "train" or "val"
+    (SmolTalk test)."""
     if split == "val":
         return load_task(run_dir, "smoltalk-test")
     words = spelling_words(run_dir)
-    return task_mixture([load_task(run_dir, "arc-easy-train"), load_task(run_dir, "arc-challenge-train"),
-                         load_task(run_dir, "gsm8k-train"), load_task(run_dir, "smoltalk-train")[:10_000],
-                         identity_conversations(), simple_spelling(words, 300), spelling_bee(words, 300)])
+    return task_mixture([load_task(run_dir, "arc-easy-train"),
+                         load_task(run_dir, "arc-challenge-train"),
+                         load_task(run_dir, "gsm8k-train"),
+                         load_task(run_dir, "smoltalk-train")[:10_000],
+                         identity_conversations(), simple_spelling(words, 300),
+                         spelling_bee(words, 300)])

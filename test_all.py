@@ -31,19 +31,23 @@ def collect(pattern: str) -> list:
     """[(name, function)] of every test_* function in tests/test_*.py whose name contains pattern,
     in file order and, within a file, in the order they are written."""
     tests = []
-    for file in sorted(f for f in os.listdir(TESTS_DIR) if f.startswith("test_") and f.endswith(".py")):
+    for file in sorted(f for f in os.listdir(TESTS_DIR)
+                       if f.startswith("test_") and f.endswith(".py")):
         module = importlib.import_module(f"tests.{file[:-3]}")
-        functions = [f for n, f in vars(module).items() if n.startswith("test_") and inspect.isfunction(f)
+        functions = [f for n, f in vars(module).items()
+                     if n.startswith("test_") and inspect.isfunction(f)
                      and f.__module__ == module.__name__ and pattern in n]
-        tests += [(f.__name__, f) for f in sorted(functions, key=lambda f: f.__code__.co_firstlineno)]
+        tests += [(f.__name__, f)
+                  for f in sorted(functions, key=lambda f: f.__code__.co_firstlineno)]
     return tests
 
 
 def main():
-    """Run every test (filtered by argv[1]), print PASS/FAIL/SKIP with times, exit 1 on a failure."""
+    """Run every test (filtered by argv[1]), print PASS/FAIL/SKIP with times, exit 1 on failure."""
     pattern = sys.argv[1] if len(sys.argv) > 1 else ""
     # One intra-op thread: the test models are tiny, so thread hand-offs cost more than they save
-    # (measured: the sampler tests took 3.4 s with one thread, 26 s with two on a busy 2-core machine).
+    # (measured: the sampler tests took 3.4 s with one thread, 26 s with two on a busy 2-core
+    # machine).
     torch.set_num_threads(1)
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
     t_start = time.time()

@@ -32,7 +32,8 @@ from gpt import pick_device, pick_precision
 from sampler import PHASE_DIRS, SampleConfig, generate, load_model, stream_text
 
 def prompt_ids(tok, messages: list, max_prompt: int) -> tuple:
-    """(ids ending in <|assistant_start|>, messages kept): the oldest exchanges go while it is too long."""
+    """(ids ending in <|assistant_start|>, messages kept): the oldest exchanges go while it is
+    too long."""
     while True:
         ids = render_for_completion(tok, {"messages": messages})
         if len(ids) <= max_prompt or len(messages) <= 1:
@@ -41,7 +42,7 @@ def prompt_ids(tok, messages: list, max_prompt: int) -> tuple:
 
 
 def respond(model, tok, ids: list, cfg: SampleConfig, seed: int, precision: str) -> str:
-    """Stream the model's continuation of `ids` to stdout, whole characters only; return its text."""
+    """Stream the model's continuation of `ids` to stdout in whole characters; return its text."""
     tokens = (row[0] for row, _ in generate(model, tok, ids, **{**asdict(cfg), "seed": seed},
                                             precision=precision))
     pieces = []
@@ -53,8 +54,10 @@ def respond(model, tok, ids: list, cfg: SampleConfig, seed: int, precision: str)
 
 
 def chat(model, tok, cfg: SampleConfig, phase: str, precision: str):
-    """The interactive loop: read a line, answer it, keep the conversation until /quit or end of input."""
-    print(f"tinychat ({phase} model, {model.num_params():,} parameters). /clear starts over, /quit leaves.")
+    """The interactive loop: read a line, answer it, keep the conversation until /quit or end of
+    input."""
+    print(f"tinychat ({phase} model, {model.num_params():,} parameters). "
+          "/clear starts over, /quit leaves.")
     messages = []
     while True:
         try:
@@ -74,11 +77,13 @@ def chat(model, tok, cfg: SampleConfig, phase: str, precision: str):
         if phase == "base":  # a base model has no chat format: continue the line as text
             respond(model, tok, [tok.bos_id] + tok.encode(line), cfg, cfg.seed, precision)
             continue
-        # leave the answer room: keep the prompt within the context minus max_tokens (at least half of it)
+        # leave the answer room: keep the prompt within the context minus max_tokens
+        # (at least half of it)
         budget = max(model.config.seq_len - cfg.max_tokens, model.config.seq_len // 2)
         ids, messages = prompt_ids(tok, messages + [{"role": "user", "content": line}], budget)
         try:
-            # a new seed per turn: asking the same thing again may get another answer, as in a chat app
+            # a new seed per turn: asking the same thing again may get another answer,
+            # as in a chat app
             answer = respond(model, tok, ids, cfg, cfg.seed + len(messages), precision)
         except ValueError as e:  # a single message longer than the context
             print(f"\n({e})")
@@ -93,7 +98,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("Examples:")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prompt", nargs="?", help="answer this one prompt and exit; without it, chat")
+    parser.add_argument("prompt", nargs="?",
+                        help="answer this one prompt and exit; without it, chat")
     parser.add_argument("--phase", choices=PHASE_DIRS, default=None,
                         help="which model to load (default: the newest of sft, mid, base)")
     parser.add_argument("--run-dir", default=None,

@@ -77,8 +77,8 @@ class FileServer:
                 self.end_headers()
                 try:
                     self.wfile.write(sent)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out ("slow") and left
-                    pass
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out ("slow") and left
 
             def log_message(self, *args):
                 pass
@@ -96,9 +96,11 @@ class FileServer:
 
 
 def byte_gpt(seed=0, is_trained_like=True):
-    """A tiny GPT over a byte-level tokenizer's 265 ids; random output layers so greedy decoding is not constant."""
+    """A tiny GPT over a byte-level tokenizer's 265 ids; random output layers so greedy decoding is
+    not constant."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(seq_len=64, vocab_size=Tokenizer([]).vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model = GPT(GPTConfig(seq_len=64, vocab_size=Tokenizer([]).vocab_size, n_layer=2, n_head=2,
+                          n_kv_head=2, n_embd=32))
     if is_trained_like:  # a fresh GPT has zero lm_head / c_proj, i.e. uniform logits
         for name, p in model.named_parameters():
             if p.dim() == 2 and not p.any():
@@ -126,38 +128,48 @@ class ScriptedModel(torch.nn.Module):
 # --- a prepared run dir: a synthetic --mirror and a run dir through the tokenize phase ---
 
 
-WORDS = "the cat dog sat ran on a mat far away then came back we spell words here is and of to".split()
+WORDS = ("the cat dog sat ran on a mat far away then came back we spell words "
+         "here is and of to").split()
 
 
 def task_rows(kind, n=12):
     """n short rows in the schema of one TASKS parquet (what the HF listing API serves)."""
     if kind == "smol-smoltalk":
-        return [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}!"}],
+        return [{"messages": [{"role": "user", "content": f"hi {i}"},
+                              {"role": "assistant", "content": f"hello {i}!"}],
                  "source": "test"} for i in range(n)]
     if kind == "mmlu":
-        return [{"question": f"q{i}?", "subject": "s", "choices": ["a", "b", "c", "d"], "answer": i % 4} for i in range(n)]
+        return [{"question": f"q{i}?", "subject": "s", "choices": ["a", "b", "c", "d"],
+                 "answer": i % 4} for i in range(n)]
     if kind == "ai2_arc":
-        return [{"id": str(i), "question": f"q{i}?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+        return [{"id": str(i), "question": f"q{i}?",
+                 "choices": {"text": ["a", "b"], "label": ["A", "B"]},
                  "answerKey": "AB"[i % 2]} for i in range(n)]
     if kind == "gsm8k":
-        return [{"question": f"{i}+1?", "answer": f"It is <<{i}+1={i + 1}>>{i + 1}.\n#### {i + 1}"} for i in range(n)]
+        return [{"question": f"{i}+1?", "answer": f"It is <<{i}+1={i + 1}>>{i + 1}.\n#### {i + 1}"}
+                for i in range(n)]
     return [{"task_id": str(i), "prompt": "def f():\n", "canonical_solution": "    return 1\n",
              "test": "assert f() == 1", "entry_point": "f"} for i in range(n)]
 
 
 def make_mirror(root):
-    """A --mirror folder at the real URLs' paths: 1 train + the val shard of synthetic text, every task, a zip."""
+    """A --mirror folder at the real URLs' paths: 1 train + the val shard of synthetic text, every
+    task, a zip."""
     rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))) + "." for _ in range(300)]
-    files = {data.SHARD_URL.format(0): docs[:200], data.SHARD_URL.format(data.VAL_SHARD): docs[200:]}
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))) + "."
+            for _ in range(300)]
+    files = {data.SHARD_URL.format(0): docs[:200],
+             data.SHARD_URL.format(data.VAL_SHARD): docs[200:]}
     for url, texts in files.items():
         path = os.path.join(root, *url.split("://")[1].split("/"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         pq.write_table(pa.table({"text": texts}), path)
     for repo, subset, split in data.TASKS.values():
-        listing = os.path.join(root, *data.LISTING_URL.format(repo, subset, split).split("://")[1].split("/"))
+        listing_url = data.LISTING_URL.format(repo, subset, split)
+        listing = os.path.join(root, *listing_url.split("://")[1].split("/"))
         os.makedirs(listing, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(task_rows(repo.split("/")[1])), os.path.join(listing, "0.parquet"))
+        pq.write_table(pa.Table.from_pylist(task_rows(repo.split("/")[1])),
+                       os.path.join(listing, "0.parquet"))
         with open(os.path.join(listing, "index.json"), "w") as f:
             json.dump([data.LISTING_URL.format(repo, subset, split) + "/0.parquet"], f)
     bundle = os.path.join(root, *data.EVAL_BUNDLE_URL.split("://")[1].split("/"))
@@ -168,20 +180,24 @@ def make_mirror(root):
 
 
 def tiny_argv(run_dir, mirror, steps=3):
-    """Flags for the tiniest run: --smoke shrunk further (1-layer GPT, 64-token rows, a few steps)."""
-    argv = ["--smoke", "--run-dir", run_dir, "--mirror", mirror, "--vocab-size", "300", "--tokenizer-chars", "50000",
-            "--pretrain-depth", "1", "--pretrain-head-dim", "16", "--pretrain-seq-len", "64", "--pretrain-eval-every", "100",
+    """Flags for the tiniest run: --smoke shrunk further (1-layer GPT, 64-token rows, a few
+    steps)."""
+    argv = ["--smoke", "--run-dir", run_dir, "--mirror", mirror, "--vocab-size", "300",
+            "--tokenizer-chars", "50000", "--pretrain-depth", "1", "--pretrain-head-dim", "16",
+            "--pretrain-seq-len", "64", "--pretrain-eval-every", "100",
             "--eval-bpb-tokens", "1024", "--eval-sample-tokens", "4"]
     for phase in ("pretrain", "midtrain", "sft"):
-        argv += [f"--{phase}-num-steps", str(steps), f"--{phase}-device-batch-size", "2", f"--{phase}-total-batch-tokens",
-                 "256", f"--{phase}-eval-tokens", "256"]
+        argv += [f"--{phase}-num-steps", str(steps), f"--{phase}-device-batch-size", "2",
+                 f"--{phase}-total-batch-tokens", "256", f"--{phase}-eval-tokens", "256"]
     return argv
 
 
 @functools.lru_cache(maxsize=None)
 def prepared_run_dir():
-    """(temp dir, mirror, run dir done through the tokenize phase), made once and shared by the tests below."""
-    tmp = tempfile.TemporaryDirectory()  # the cache keeps it alive; it is removed when the interpreter exits
+    """(temp dir, mirror, run dir done through the tokenize phase), made once and shared by the
+    tests below."""
+    # the cache keeps it alive; it is removed when the interpreter exits
+    tmp = tempfile.TemporaryDirectory()
     mirror, run_dir = make_mirror(os.path.join(tmp.name, "mirror")), os.path.join(tmp.name, "run")
     for phase in ("download", "tokenizer", "tokenize"):
         run_quiet(train_all.main, tiny_argv(run_dir, mirror) + ["--only", phase])

@@ -30,7 +30,8 @@ def test_cli_flags_from_dataclass():
     knobs = config_from_args(parser.parse_args(["-d", "7"]), _Knobs, "x", {"depth": 5, "lr": 0.1})
     assert knobs == _Knobs(depth=7, lr=0.1), f"flag should beat the preset: {knobs}"
     knobs = config_from_args(parser.parse_args(["--x-lr", "0.5"]), _Knobs, "x")
-    assert knobs == _Knobs(depth=4, lr=0.5) and isinstance(knobs.lr, float), f"typed flag lost: {knobs}"
+    assert knobs == _Knobs(depth=4, lr=0.5) and isinstance(knobs.lr, float), \
+        f"typed flag lost: {knobs}"
 
 
 def _run(*args, cwd=ROOT):
@@ -53,8 +54,8 @@ def test_cli_user_errors_are_one_line_without_traceback():
     with tempfile.TemporaryDirectory() as tmp:
         # a truncated shard in the mirror: the download phase names the file and the mirror
         mirror = make_mirror(os.path.join(tmp, "mirror"))
-        shard = os.path.join(mirror, "huggingface.co", "datasets", "karpathy", "climbmix-400b-shuffle",
-                             "resolve", "main", "shard_00000.parquet")
+        shard = os.path.join(mirror, "huggingface.co", "datasets", "karpathy",
+                             "climbmix-400b-shuffle", "resolve", "main", "shard_00000.parquet")
         with open(shard, "r+b") as f:
             f.truncate(os.path.getsize(shard) // 2)
         run_dir = os.path.join(tmp, "run")

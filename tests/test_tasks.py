@@ -14,32 +14,42 @@ from tests.fixtures import MIRROR
 def test_tasks_gsm8k_parts():
     """<<expr=result>> becomes a python part and a python_output part, the text around kept."""
     parts = tasks.gsm8k_parts("Half is <<48/2=24>>24.\nNo eq <<7>>!\n#### 24")
-    assert parts == [{"type": "text", "text": "Half is "}, {"type": "python", "text": "48/2"},
-                     {"type": "python_output", "text": "24"}, {"type": "text", "text": "24.\nNo eq "},
-                     {"type": "python", "text": "7"}, {"type": "python_output", "text": ""},
+    assert parts == [{"type": "text", "text": "Half is "},
+                     {"type": "python", "text": "48/2"},
+                     {"type": "python_output", "text": "24"},
+                     {"type": "text", "text": "24.\nNo eq "},
+                     {"type": "python", "text": "7"},
+                     {"type": "python_output", "text": ""},
                      {"type": "text", "text": "!\n#### 24"}], f"GSM8K parts wrong: {parts}"
 
 
 def test_tasks_synthetic_data_is_deterministic():
-    """Spelling and identity data repeat exactly; train and test draws differ; the mixture oversamples listed twice."""
+    """Spelling and identity data repeat exactly; train and test draws differ; the mixture
+    oversamples listed twice."""
     words = ["strawberry", "apple", "banana", "kiwi"]
     bee = tasks.spelling_bee(words, 20)
-    assert bee == tasks.spelling_bee(words, 20) and bee != tasks.spelling_bee(words, 20, "test"), "spelling draws not seeded"
+    assert bee == tasks.spelling_bee(words, 20) and bee != tasks.spelling_bee(words, 20, "test"), \
+        "spelling draws not seeded"
     for c in bee:
         parts = c["messages"][1]["content"]
         word, letter = parts[2]["text"][1:-1].split("'.count('")
-        assert str(word.count(letter.rstrip("')"))) == c["answer"] == parts[3]["text"], f"wrong count in {parts[2]}"
+        assert str(word.count(letter.rstrip("')"))) == c["answer"] == parts[3]["text"], \
+            f"wrong count in {parts[2]}"
     assert tasks.simple_spelling(["kiwi"], 1)[0]["messages"][1]["content"] == "kiwi:k,i,w,i"
-    assert tasks.identity_conversations() == tasks.identity_conversations(), "identity conversations not deterministic"
+    assert tasks.identity_conversations() == tasks.identity_conversations(), \
+        "identity conversations not deterministic"
     a, b = [{"k": "a"}] * 3, [{"k": "b"}] * 2
     mixed = tasks.task_mixture([a, b, b])
-    assert len(mixed) == 7 and sum(m["k"] == "b" for m in mixed) == 4 and mixed == tasks.task_mixture([a, b, b])
+    assert (len(mixed) == 7 and sum(m["k"] == "b" for m in mixed) == 4
+            and mixed == tasks.task_mixture([a, b, b]))
     mc = tasks.multiple_choice("2+2?", ["3", "4"], ["A", "B"], "B")["messages"][0]["content"]
-    assert mc == "Multiple Choice question: 2+2?\n- 3=A\n- 4=B\n\nRespond only with the letter of the correct answer.", mc
+    assert mc == ("Multiple Choice question: 2+2?\n- 3=A\n- 4=B\n\n"
+                  "Respond only with the letter of the correct answer."), mc
 
 
 def test_tasks_mirror_integration():
-    """The shared mirror's task files load through the listing API into conversations (skips without the mirror)."""
+    """The shared mirror's task files load through the listing API into conversations (skips without
+    the mirror)."""
     if not os.path.isdir(MIRROR):
         raise unittest.SkipTest("no ../shared/mirror here")
     with tempfile.TemporaryDirectory() as root:
@@ -47,4 +57,5 @@ def test_tasks_mirror_integration():
             data.fetch_task(root, name, MIRROR)
         he, arc = tasks.load_task(root, "humaneval"), tasks.load_task(root, "arc-challenge-test")
         assert len(he) == 164 and "check" in he[0]["test"], "HumanEval rows not converted"
-        assert len(arc) == 1172 and all(c["answer"] in c["letters"] for c in arc), "ARC answers not among the letters"
+        assert len(arc) == 1172 and all(c["answer"] in c["letters"] for c in arc), \
+            "ARC answers not among the letters"

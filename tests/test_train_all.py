@@ -16,43 +16,54 @@ from tests.fixtures import prepared_run_dir, run_quiet, tiny_argv
 
 
 def test_train_all_every_phase_writes_its_files():
-    """main() on synthetic text runs every phase, writes the expected files, skips them on a rerun and
-    stops with what to do when a setting that makes them stale changes."""
+    """main() on synthetic text runs every phase, writes the expected files, skips them on a rerun
+    and stops with what to do when a setting that makes them stale changes."""
     _, mirror, prepared = prepared_run_dir()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir, cwd = shutil.copytree(prepared, os.path.join(tmp, "run")), os.getcwd()
         os.chdir(tmp)  # report.md is also copied to the working directory
         try:
             run_quiet(train_all.main, tiny_argv(run_dir, mirror))
-            for name in ("tokenizer.bin", "tokens/train.bin", "base/model.pt", "mid/meta.json", "sft/model.pt",
-                         "eval.json", "report.md", "report.json", "loss.svg", "log.txt", os.path.join(tmp, "report.md")):
-                assert os.path.exists(os.path.join(run_dir, name)), f"{name} missing: a phase did not write its output"
-            assert not [d for d in os.listdir(os.path.join(run_dir, "base")) if d.startswith("resume")], "resume checkpoint left"
+            for name in ("tokenizer.bin", "tokens/train.bin", "base/model.pt", "mid/meta.json",
+                         "sft/model.pt", "eval.json", "report.md", "report.json", "loss.svg",
+                         "log.txt", os.path.join(tmp, "report.md")):
+                assert os.path.exists(os.path.join(run_dir, name)), \
+                    f"{name} missing: a phase did not write its output"
+            assert not [d for d in os.listdir(os.path.join(run_dir, "base"))
+                        if d.startswith("resume")], "resume checkpoint left"
             report = json.load(open(os.path.join(run_dir, "report.json")))
-            assert set(report["eval"]) == {"pretrain", "midtrain", "sft"}, f"eval.json lacks a model: {report['eval'].keys()}"
-            assert "| Metric | BASE | MID | SFT |" in open(os.path.join(run_dir, "report.md")).read(), "summary table missing"
-            assert open(os.path.join(run_dir, "loss.svg")).read().startswith("<svg"), "loss.svg is not an SVG"
+            assert set(report["eval"]) == {"pretrain", "midtrain", "sft"}, \
+                f"eval.json lacks a model: {report['eval'].keys()}"
+            assert ("| Metric | BASE | MID | SFT |"
+                    in open(os.path.join(run_dir, "report.md")).read()), "summary table missing"
+            assert open(os.path.join(run_dir, "loss.svg")).read().startswith("<svg"), \
+                "loss.svg is not an SVG"
             again = run_quiet(train_all.main, tiny_argv(run_dir, mirror))
-            assert again.count("skipping") == 5, f"a rerun should skip the 5 finished phases:\n{again}"
+            assert again.count("skipping") == 5, \
+                f"a rerun should skip the 5 finished phases:\n{again}"
             try:
                 run_quiet(train_all.main, tiny_argv(run_dir, mirror) + ["--pretrain-depth", "2"])
                 raise AssertionError("a changed --pretrain-depth was not detected")
             except ValueError as e:
-                assert "rm -rf" in str(e) and "base" in str(e) and "pretrain.depth 1 -> 2" in str(e), f"unclear message: {e}"
+                assert ("rm -rf" in str(e) and "base" in str(e)
+                        and "pretrain.depth 1 -> 2" in str(e)), f"unclear message: {e}"
         finally:
             os.chdir(cwd)
 
 
 def test_train_all_resume_is_exact():
-    """A pretraining run killed mid-way and rerun ends with the same weights as one that never stopped."""
+    """A pretraining run killed mid-way and rerun ends with the same weights as one that never
+    stopped."""
     with tempfile.TemporaryDirectory() as tmp:
         _, mirror, prepared = prepared_run_dir()
         first, second = (shutil.copytree(prepared, os.path.join(tmp, name)) for name in "ab")
-        argv = lambda run_dir: tiny_argv(run_dir, mirror, steps=5) + ["--pretrain-save-every-min", "0"]
+        argv = lambda run_dir: (tiny_argv(run_dir, mirror, steps=5)
+                                + ["--pretrain-save-every-min", "0"])
         run_quiet(train_all.main, argv(first) + ["--only", "pretrain"])
         real, taken = train_all.pretrain_batches, []
 
-        def dies_after_7_batches(*args, **kwargs):  # 2 micro-batches per step: the "kill" lands inside step 3
+        # 2 micro-batches per step: the "kill" lands inside step 3
+        def dies_after_7_batches(*args, **kwargs):
             for batch in real(*args, **kwargs):
                 if len(taken) == 7:
                     raise KeyboardInterrupt("simulated kill")
@@ -67,27 +78,34 @@ def test_train_all_resume_is_exact():
         finally:
             train_all.pretrain_batches = real
         meta = json.load(open(os.path.join(second, "base", "resume", "meta.json")))
-        assert meta["loop"]["step"] == 3, f"the checkpoint before the kill is at step {meta['loop']['step']}, not 3"
+        assert meta["loop"]["step"] == 3, \
+            f"the checkpoint before the kill is at step {meta['loop']['step']}, not 3"
         log = run_quiet(train_all.main, argv(second) + ["--only", "pretrain"])
-        assert "resuming from" in log and "step 3" in log, f"the rerun did not resume from step 3:\n{log}"
+        assert "resuming from" in log and "step 3" in log, \
+            f"the rerun did not resume from step 3:\n{log}"
         a = torch.load(os.path.join(first, "base", "model.pt"), weights_only=True)
         b = torch.load(os.path.join(second, "base", "model.pt"), weights_only=True)
         for name in a:
-            assert torch.allclose(a[name], b[name], atol=1e-6), f"{name} differs after resume: model, optimizer or data state not restored"
+            assert torch.allclose(a[name], b[name], atol=1e-6), \
+                f"{name} differs after resume: model, optimizer or data state not restored"
 
 
 def test_train_all_cli_from_dataclasses():
-    """Every dataclass field has a typed --flag whose help is the field's comment; flags beat presets beat defaults."""
+    """Every dataclass field has a typed --flag whose help is the field's comment; flags beat
+    presets beat defaults."""
     parser = train_all.build_parser()
     help_text = " ".join(parser.format_help().split())
     for section, (prefix, cls) in train_all.SECTIONS.items():
         for f in dataclasses.fields(cls):
             flag = "--" + "-".join(filter(None, [prefix, f.name])).replace("_", "-")
-            assert flag in help_text, f"{flag} missing from --help: the CLI is not generated from {cls.__name__}"
+            assert flag in help_text, \
+                f"{flag} missing from --help: the CLI is not generated from {cls.__name__}"
     assert "context length in tokens" in help_text, "field comments are not used as help"
     args = parser.parse_args(["--smoke", "--pretrain-depth", "3", "--sft-lr-frac", "0.5"])
     cfgs = {s: config_from_args(args, cls, prefix, train_all.PRESETS["smoke"].get(s))
             for s, (prefix, cls) in train_all.SECTIONS.items()}
-    assert cfgs["pretrain"].depth == 3 and isinstance(cfgs["sft"].lr_frac, float), "flag values not parsed or typed"
-    assert cfgs["pretrain"].seq_len == train_all.PRESETS["smoke"]["pretrain"]["seq_len"], "preset not applied"
+    assert cfgs["pretrain"].depth == 3 and isinstance(cfgs["sft"].lr_frac, float), \
+        "flag values not parsed or typed"
+    assert cfgs["pretrain"].seq_len == train_all.PRESETS["smoke"]["pretrain"]["seq_len"], \
+        "preset not applied"
     assert cfgs["midtrain"].matrix_lr == train_all.MidtrainConfig.matrix_lr, "default lost"
