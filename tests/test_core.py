@@ -14,8 +14,9 @@ import torch
 from bpe import Tokenizer
 from core import (TASK_TYPES, core_lines, core_summary, crop_left, evaluate_core,
                   evaluate_example, fewshot_indices, load_core_tasks, parse_core_yaml,
-                  read_bundle_file, render_prompts, score_rows, scored_spans, tokenizer_eval,
+                  read_bundle_file, render_prompts, scored_spans, span_scores, tokenizer_eval,
                   tokenizer_samples)
+from gpt import GPTConfig
 from report import CORE_NOTE
 from tests.fixtures import MIRROR, byte_gpt, prepared_run_dir, quiet
 
@@ -29,8 +30,13 @@ class BigramModel(torch.nn.Module):
     def __init__(self, table):
         super().__init__()
         self.table = table  # (V, V)
+        # the smallest config a KVCache accepts; the fake never reads what the cache holds
+        self.config = GPTConfig(seq_len=64, vocab_size=len(table), n_layer=1, n_head=1,
+                                n_kv_head=1, n_embd=2)
 
-    def forward(self, ids):
+    def forward(self, ids, kv_cache=None):
+        if kv_cache is not None:
+            kv_cache.pos += ids.shape[1]
         return self.table[ids]  # (B, T, V)
 
 
@@ -91,10 +97,10 @@ def test_core_render_prompts_known_strings():
 
 def test_core_fewshot_indices_exclude_the_example():
     """Shots are nanochat's Random(1234 + idx) sample of the other examples, never the example."""
-    for idx in range(20):
-        got = fewshot_indices(idx, 20, 10)
-        expected = random.Random(1234 + idx).sample([i for i in range(20) if i != idx], 10)
-        assert got == expected and idx not in got, f"idx {idx}: {got}; the seed or the pool is off"
+    for n, idx in [(20, i) for i in range(20)] + [(1000, 0), (1000, 517), (1000, 999)]:
+        got = fewshot_indices(idx, n, 10)
+        expected = random.Random(1234 + idx).sample([i for i in range(n) if i != idx], 10)
+        assert got == expected and idx not in got, f"idx {idx} of {n}: {got}; seed or pool is off"
     assert sorted(fewshot_indices(0, 4, 10)) == [1, 2, 3], "below k+1 examples: all the others"
 
 
@@ -147,13 +153,33 @@ def test_core_lm_needs_greedy_exact_match():
         "one wrong greedy token must fail the example"
 
 
-def test_core_rows_are_right_padded_and_padding_is_inert():
-    """Padding a row with more tokens after its span does not change its verdict."""
-    model = bigram({(" ", "b"): 8.0, (" ", "a"): 3.0})
-    rows = [[BYTES.bos_id, 81, 32, 97], [BYTES.bos_id, 81, 32, 98, 99]]
-    for pad_id in (BYTES.bos_id, 0, 98):
-        assert score_rows(model, rows, [3, 3], [4, 5], "multiple_choice", 1, pad_id, CPU, "fp32"), \
-            f"padding with {pad_id} changed the answer: the spans must read only real tokens"
+def test_core_span_scores_match_one_full_forward():
+    """Prefix once through the KV cache + stacked tails give nanochat's one-pass losses (oracle)."""
+    model = byte_gpt(seed=1)
+    bos = BYTES.bos_id
+    mc = [[bos] + BYTES.encode("Q: 2+2?\nA: four"), [bos] + BYTES.encode("Q: 2+2?\nA: five!")]
+    schema = [[bos] + BYTES.encode("A cat sat."), [bos] + BYTES.encode("The dog sat.")]
+    lm = [[bos] + BYTES.encode("ctx:"), [bos] + BYTES.encode("ctx: cont")]
+    cases = [scored_spans("multiple_choice", mc), scored_spans("schema", schema),
+             scored_spans("language_modeling", lm), ([[bos, 97, 98], [bos, 99]], [1, 1], [3, 2])]
+    assert cases[0][1] == [13, 13] and cases[1][1] == [6, 8], "spans of the cases moved"
+    for rows, starts, ends in cases:
+        T = max(map(len, rows))
+        ids = torch.full((len(rows), T), bos)  # (B, T) the oracle: every row whole, one pass
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
+        with torch.no_grad():
+            logits = model(ids)  # (B, T, V)
+        expected = [torch.nn.functional.cross_entropy(logits[i, s - 1:e - 1], ids[i, s:e]).item()
+                    for i, (s, e) in enumerate(zip(starts, ends))]
+        greedy = [bool(torch.equal(logits[i, s - 1:e - 1].argmax(-1), ids[i, s:e]))
+                  for i, (s, e) in enumerate(zip(starts, ends))]
+        for pad_id in (bos, 0, 98):
+            losses, is_greedy = span_scores(model, rows, starts, ends, pad_id, CPU, "fp32")
+            error = max(abs(a - b) for a, b in zip(losses, expected))
+            assert error < 1e-4 and is_greedy == greedy, \
+                f"rows {rows}: got {losses} {is_greedy}, one pass gives {expected} {greedy} " \
+                "(the shared prefix, its cache copy or the column offset is off, or padding leaks)"
 
 
 def test_core_crop_left_keeps_scored_tokens():
