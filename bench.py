@@ -12,6 +12,7 @@ Examples:
     python bench.py train --depth 6 --head-dim 64 --seq-len 512 --batch-size 8 --vocab-size 32768
     python bench.py decode
     python bench.py data --mirror ../shared/mirror
+    python bench.py serve
 """
 import argparse
 import json
@@ -289,6 +290,138 @@ def bench_data(args):
 
 
 
+# --- serve ---
+
+def _stream_times(port: int, text: str, max_tokens: int, stop_after=None):
+    """POST a streamed chat request to serve.py; (send time, arrival time of each content chunk).
+    stop_after: leave (close the connection) after that many chunks."""
+    import socket
+    body = json.dumps({"messages": [{"role": "user", "content": text}], "stream": True,
+                       "temperature": 0, "max_tokens": max_tokens}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    times, buffer = [], b""
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=600) as sock:
+        sock.sendall(request + body)
+        while stop_after is None or len(times) < stop_after:
+            data = sock.recv(65536)
+            if not data:
+                break
+            now = time.perf_counter()
+            *events, buffer = (buffer + data).split(b"\n\n")
+            for event in events:
+                chunk = json.loads(event[6:]) if event.startswith(b"data: {") else {}
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    times.append(now)
+    return t0, times
+
+
+def _start_server(config):
+    """`python serve.py` in a subprocess, serving a fresh GPT of `config` (and the byte-level
+    tokenizer) from a temp run dir; returns (process, port, precision, run_dir)."""
+    import queue
+    import re
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+
+    import torch
+
+    from bpe import Tokenizer
+    from gpt import GPT, save_checkpoint
+    run_dir = tempfile.mkdtemp(prefix="tinychat-bench-serve-")
+    torch.manual_seed(0)  # a fresh GPT has a zero lm_head: greedy decoding never stops early
+    save_checkpoint(os.path.join(run_dir, "sft"), GPT(config), {})
+    Tokenizer([]).save(os.path.join(run_dir, "tokenizer.bin"))
+    server = subprocess.Popen([sys.executable, "serve.py", "--run-dir", run_dir, "--port", "0"],
+                              stdout=subprocess.PIPE, text=True)
+    lines = queue.Queue()
+
+    def read_log():  # on a thread, so that the server's pipe never fills up
+        for line in server.stdout:
+            lines.put(line)
+
+    threading.Thread(target=read_log, daemon=True).start()
+    found = None
+    while found is None:
+        found = re.search(r"(bf16|fp32), answers at http://127.0.0.1:(\d+)", lines.get(timeout=120))
+    return server, int(found.group(2)), found.group(1), run_dir
+
+
+def bench_serve(args):
+    """Through the HTTP API vs generate() directly (interleaved runs, medians): time to first token
+    and decode speed at two shapes; disconnect-to-next-answer latency; 4 clients at once."""
+    import http.client
+    import shutil
+    import signal
+    import threading
+
+    from bpe import Tokenizer, render_for_completion
+    from gpt import config_from_depth, load_checkpoint
+    from sampler import generate
+
+    tok, text = Tokenizer([]), "Tell me a story about a cat."
+    ids = render_for_completion(tok, {"messages": [{"role": "user", "content": text}]})
+    emit(bench="serve", what="machine", load_1_5_15_min=os.getloadavg(), cpus=os.cpu_count())
+    # the shapes of the --cpu preset and of nanochat's CPU run (d6)
+    for depth, seq_len, vocab_size in ((4, 256, 8192), (6, 512, 32768)):
+        config = config_from_depth(depth, vocab_size, seq_len, head_dim=64)
+        server, port, precision, run_dir = _start_server(config)
+        model, _ = load_checkpoint(os.path.join(run_dir, "sft"), "cpu")
+        new_tokens = min(args.new_tokens, seq_len - len(ids))
+        runs = {"api": [], "direct": []}
+        # API and direct runs alternate, so that the machine's noise hits both; round 0 warms up
+        for _ in range(args.repeats + 1):
+            t0, times = _stream_times(port, text, new_tokens)
+            runs["api"].append((times[0] - t0, (len(times) - 1) / (times[-1] - times[0])))
+            t0, times = time.perf_counter(), []
+            for _ in generate(model, tok, ids, new_tokens, temperature=0.0, precision=precision):
+                times.append(time.perf_counter())
+            runs["direct"].append((times[0] - t0, (len(times) - 1) / (times[-1] - times[0])))
+        ttft = {k: statistics.median(r[0] for r in v[1:]) * 1000 for k, v in runs.items()}
+        speed = {k: statistics.median(r[1] for r in v[1:]) for k, v in runs.items()}
+        emit(bench="serve", depth=depth, seq_len=seq_len, vocab_size=vocab_size,
+             precision=precision, prompt_tokens=len(ids), new_tokens=new_tokens,
+             repeats=args.repeats,
+             ttft_ms_api=round(ttft["api"], 1), ttft_ms_direct=round(ttft["direct"], 1),
+             tok_per_sec_api=round(speed["api"], 1), tok_per_sec_direct=round(speed["direct"], 1),
+             api_over_direct=round(speed["api"] / speed["direct"], 3))
+        # a client leaves mid-answer: how long until the next request's one-token answer is back
+        waits = []
+        for _ in range(args.repeats):
+            _stream_times(port, text, seq_len, stop_after=3)
+            t0 = time.perf_counter()
+            _stream_times(port, text, 1)
+            waits.append(time.perf_counter() - t0)
+        # 4 clients at once: each gets a whole answer, or a 503 with Retry-After
+        statuses, barrier = [], threading.Barrier(4)
+
+        def client():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            body = {"messages": [{"role": "user", "content": text}], "max_tokens": 32}
+            barrier.wait()
+            conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                         {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            is_whole = response.status == 200 and "usage" in json.loads(response.read())
+            retry_after = response.getheader("Retry-After")
+            statuses.append("answer" if is_whole else f"{response.status} retry {retry_after}")
+
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        emit(bench="serve", depth=depth, runs_ms=[round(w * 1000) for w in waits],
+             disconnect_to_next_ms=round(statistics.median(waits) * 1000, 1),
+             clients=sorted(statuses))
+        server.send_signal(signal.SIGINT)  # as Ctrl-C
+        server.wait(timeout=60)
+        shutil.rmtree(run_dir)
+
+
 def add_model_args(p):
     """The model shape and the hardware flags that `train` and `decode` share (nanochat's CPU shape)."""
     p.add_argument("--depth", type=int, default=6, help="transformer blocks (nanochat's CPU run: 6)")
@@ -333,6 +466,10 @@ def main():
     p.add_argument("--num-steps", type=int, default=8, help="timed steps (the median is reported)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first")
     p.set_defaults(func=bench_train)
+    p = sub.add_parser("serve", help="serve.py: API vs generate() speed, disconnect latency, 4 clients")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens per answer (fits both contexts)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds of each (medians are reported)")
+    p.set_defaults(func=bench_serve)
     args = parser.parse_args()
     args.func(args)
 
