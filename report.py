@@ -24,9 +24,11 @@ Design:
 
 eval.json, which the eval phase writes: {phase: {"val_bpb", "val_tokens", "samples": [[prompt,
 text]], "core": {"core", "num_tasks", "tasks": {label: {"correct", "total", "cropped",
-"accuracy", "centered"}}} (base), "chat": {task: {"correct", "total", "too_long"}, "chatcore"}
-and "quality": {name: number} (mid, sft)}, plus "tokenizer": {"vocab_size", "texts": {kind:
-{"bytes", "tokens", "bytes_per_token"}}}. Anything missing prints as "-".
+"accuracy", "centered"}}} (base; core.core_summary), "chat": {"tasks": {task: {"correct",
+"total", "too_long", ...}}, "ChatCORE"} (evals.chat_summary) and "quality": {name: number,
+"samples": [[i, prompt, answer, template]]} (evals.quality_summary; mid, sft)}, plus
+"tokenizer": {"vocab_size", "texts": {kind: {"bytes", "tokens", "bytes_per_token"}}}
+(core.tokenizer_eval). Anything missing prints as "-".
 
 Left out on purpose:
 - nanochat's "bloat" section (lines and characters of the code base) and its cost estimate
@@ -135,15 +137,16 @@ def model_metrics(result: dict) -> dict:
         metrics["CORE"] = {"value": core["core"], "tasks": core["num_tasks"],
                            "total": sum(t["total"] for t in core["tasks"].values())}
     chat = result.get("chat", {})
+    tasks = chat.get("tasks", {})
     for task in CHAT_TASKS:
-        if task in chat:
-            c = chat[task]
+        if task in tasks:
+            c = tasks[task]
             metrics[task] = accuracy_entry(c["correct"], c["total"], c.get("too_long", 0))
     # ChatCORE as the eval phase computed it; the cell counts the ChatCORE tasks that ran, so a
     # ChatCORE over fewer than nanochat's 5 shows it
-    if chat.get("chatcore") is not None:
-        metrics["ChatCORE"] = {"value": chat["chatcore"],
-                               "tasks": sum(task in chat for task in CHATCORE_TASKS)}
+    if chat.get("ChatCORE") is not None:
+        metrics["ChatCORE"] = {"value": chat["ChatCORE"],
+                               "tasks": sum(task in tasks for task in CHATCORE_TASKS)}
     if result.get("val_bpb") is not None:
         metrics["val bpb"] = {"value": result["val_bpb"], "tokens": result.get("val_tokens", 0)}
     return metrics
@@ -215,7 +218,7 @@ def chat_table(evals: dict) -> list:
     lines = ["| model | task | correct | accuracy (95% interval) | too long |",
              "|---|---|---|---|---|"]
     for phase, col in MODELS.items():
-        for task, c in evals.get(phase, {}).get("chat", {}).items():
+        for task, c in evals.get(phase, {}).get("chat", {}).get("tasks", {}).items():
             if task in CHAT_TASKS:
                 e = accuracy_entry(c["correct"], c["total"], c.get("too_long", 0))
                 lines.append(f"| {col} | {task} | {e['correct']:,}/{e['total']:,} | "
@@ -244,7 +247,9 @@ def quality_table(evals: dict) -> list:
     # the chat evals (evals.py) choose these measures; the report prints whatever keys they
     # wrote, in their order, so a new measure needs no change here
     quality = {col: evals.get(phase, {}).get("quality", {}) for phase, col in MODELS.items()}
-    keys = list(dict.fromkeys(k for q in quality.values() for k in q))
+    # numbers only: the sampled answers ("samples") are printed with the other samples
+    keys = list(dict.fromkeys(k for q in quality.values() for k, v in q.items()
+                              if isinstance(v, (int, float))))
     if not keys:
         return ["Chat quality was not measured."]
     lines = ["| measure | " + " | ".join(MODELS.values()) + " |", "|---|" + "---|" * len(MODELS)]
@@ -292,6 +297,12 @@ def write_report(run_dir: str, env: dict, config: dict, model_dirs: dict) -> lis
     md += ["", "## CORE (BASE)", "", *core_table(evals.get("pretrain", {}).get("core", {}))]
     md += ["", "## Chat evals (MID, SFT)", "", *chat_table(evals)]
     md += ["", "## Chat quality", "", *quality_table(evals)]
+    for phase, col in MODELS.items():
+        answers = evals.get(phase, {}).get("quality", {}).get("samples", [])
+        if answers:  # [i, prompt, answer, the training template it copies or ""]
+            md += ["", f"### {col} sampled answers (chat defaults)", ""]
+            md += [f"- {prompt!r} -> {answer!r}" + (f" [{template}]" if template else "")
+                   for _, prompt, answer, template in answers]
     for phase, col in MODELS.items():
         samples = evals.get(phase, {}).get("samples", [])
         if samples:  # repr: newlines stay visible and the sample stays on one line

@@ -17,9 +17,11 @@ EVAL = {
                      "boolq": {"correct": 6, "total": 10, "cropped": 3, "accuracy": 0.6,
                                "centered": -0.0526}}}},
     "midtrain": {"val_bpb": 1.5, "val_tokens": 8192,
-                 "chat": {"ARC-Easy": {"correct": 10, "total": 20, "too_long": 0},
-                          "GSM8K": {"correct": 0, "total": 8, "too_long": 2}, "chatcore": 0.0123},
-                 "quality": {"mean_reply_tokens": 41.5, "empty_replies": 1}},
+                 "chat": {"tasks": {"ARC-Easy": {"correct": 10, "total": 20, "too_long": 0},
+                                    "GSM8K": {"correct": 0, "total": 8, "too_long": 2}},
+                          "ChatCORE": 0.0123},
+                 "quality": {"ended_share": 0.5, "prompts": 4,
+                             "samples": [[0, "Hi", "Hello!", ""], [1, "Joke?", "x", "identity"]]}},
     "sft": {"val_bpb": 1.4},
     "tokenizer": {"vocab_size": 8192, "texts": {
         "code (HumanEval)": {"bytes": 3000, "tokens": 1000, "bytes_per_token": 3.0}}},
@@ -72,8 +74,8 @@ def test_report_files_from_hand_made_eval_json():
     for text in ("| boolq | 6/10 | 0.6000 (0.31-0.83) | -0.0526 | 3 |", CORE_NOTE,
                  "| MID | GSM8K | 0/8 | 0.0000 (0.00-0.32) | 2 |",
                  "| code (HumanEval) | 3,000 | 1,000 | 3.00 |",
-                 "| mean_reply_tokens | - | 41.5000 | - |", "- cpu_model: Test CPU",
-                 r"-> ' is\nblue'"):
+                 "| ended_share | - | 0.5000 | - |", "| prompts | - | 4 | - |",
+                 "- 'Joke?' -> 'x' [identity]", "- cpu_model: Test CPU", r"-> ' is\nblue'"):
         assert text in md, f"report.md lacks {text!r}"
     assert summary["CORE"]["BASE"] == {"value": 0.05, "tasks": 2, "total": 30}, summary["CORE"]
 
