@@ -317,9 +317,9 @@ def _stream_times(port: int, text: str, max_tokens: int, stop_after=None):
     return t0, times
 
 
-def _start_server(config):
+def _start_server(config, device):
     """`python serve.py` in a subprocess, serving a fresh GPT of `config` (and the byte-level
-    tokenizer) from a temp run dir; returns (process, port, precision, run_dir)."""
+    tokenizer) from a temp run dir on `device`; returns (process, port, precision, run_dir)."""
     import queue
     import re
     import subprocess
@@ -335,8 +335,8 @@ def _start_server(config):
     torch.manual_seed(0)  # a fresh GPT has a zero lm_head: greedy decoding never stops early
     save_checkpoint(os.path.join(run_dir, "sft"), GPT(config), {})
     Tokenizer([]).save(os.path.join(run_dir, "tokenizer.bin"))
-    server = subprocess.Popen([sys.executable, "serve.py", "--run-dir", run_dir, "--port", "0"],
-                              stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "serve.py", "--run-dir", run_dir, "--port", "0", "--device", device]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     lines = queue.Queue()
 
     def read_log():  # on a thread, so that the server's pipe never fills up
@@ -359,17 +359,19 @@ def bench_serve(args):
     import threading
 
     from bpe import Tokenizer, render_for_completion
-    from gpt import config_from_depth, load_checkpoint
+    from gpt import config_from_depth, load_checkpoint, pick_device
     from sampler import generate
 
     tok, text = Tokenizer([]), "Tell me a story about a cat."
     ids = render_for_completion(tok, {"messages": [{"role": "user", "content": text}]})
-    emit(bench="serve", what="machine", load_1_5_15_min=os.getloadavg(), cpus=os.cpu_count())
+    device = pick_device(args.device)
+    emit(bench="serve", what="machine", load_1_5_15_min=os.getloadavg(), cpus=os.cpu_count(),
+         device=device.type)
     # the shapes of the --cpu preset and of nanochat's CPU run (d6)
     for depth, seq_len, vocab_size in ((4, 256, 8192), (6, 512, 32768)):
         config = config_from_depth(depth, vocab_size, seq_len, head_dim=64)
-        server, port, precision, run_dir = _start_server(config)
-        model, _ = load_checkpoint(os.path.join(run_dir, "sft"), "cpu")
+        server, port, precision, run_dir = _start_server(config, device.type)
+        model, _ = load_checkpoint(os.path.join(run_dir, "sft"), device)
         new_tokens = min(args.new_tokens, seq_len - len(ids))
         runs = {"api": [], "direct": []}
         # API and direct runs alternate, so that the machine's noise hits both; round 0 warms up
@@ -469,6 +471,7 @@ def main():
     p = sub.add_parser("serve", help="serve.py: API vs generate() speed, disconnect latency, 4 clients")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per answer (fits both contexts)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds of each (medians are reported)")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: gpt.pick_device)")
     p.set_defaults(func=bench_serve)
     args = parser.parse_args()
     args.func(args)

@@ -1,7 +1,8 @@
 """
 What several test files share, each under its own banner: quiet output, a local HTTP file
 server, tiny models (a random byte-level GPT and a scripted one), and a prepared run dir (a
-synthetic --mirror plus a run dir taken through the tokenize phase, made once per test process).
+synthetic --mirror plus a run dir taken through the tokenize phase, made once per test process),
+and a serve.Server running in a thread with a fake model that types a fixed answer.
 
 Everything here is made by the tests themselves: no network, no ../shared/mirror, fixed seeds.
 """
@@ -15,6 +16,7 @@ import random
 import tempfile
 import threading
 import time
+import unittest
 import zipfile
 
 import pyarrow as pa
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 import data
+import serve
 import train_all
 from bpe import Tokenizer
 from gpt import GPT, GPTConfig
@@ -202,3 +205,76 @@ def prepared_run_dir():
     for phase in ("download", "tokenizer", "tokenize"):
         run_quiet(train_all.main, tiny_argv(run_dir, mirror) + ["--only", phase])
     return tmp, mirror, run_dir
+
+
+# --- a running serve.Server with a scripted model (tests/test_serve.py, tests/test_ui.py) ---
+
+
+class TypistModel(torch.nn.Module):
+    """Fake GPT that answers any prompt with the bytes of `text`, then <|assistant_end|>, one token
+    per call (a prefill starts over). Every call releases self.calls as it begins, so the test can
+    count them; gated, it then waits for a permit from self.permits (the test hands them out)."""
+
+    def __init__(self, text: str, is_gated=False):
+        super().__init__()
+        tok = Tokenizer([])
+        self.config = GPTConfig(seq_len=512, vocab_size=tok.vocab_size, n_layer=1, n_head=1,
+                                n_kv_head=1, n_embd=4)
+        self.script = list(text.encode()) + [tok.special_id("<|assistant_end|>")]
+        self.permits = threading.Semaphore(0) if is_gated else None
+        self.calls = threading.Semaphore(0)
+        self.step = 0
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # generate() finds the device through it
+
+    def forward(self, ids, kv_cache=None):
+        self.calls.release()
+        if self.permits is not None:
+            assert self.permits.acquire(timeout=60), "the test never let the fake model go on"
+        if kv_cache.pos == 0:  # a prefill: a new answer
+            self.step = 0
+        kv_cache.pos += ids.shape[1]
+        logits = torch.zeros(ids.shape[0], ids.shape[1], self.config.vocab_size)  # (B, T, V)
+        logits[:, -1, self.script[min(self.step, len(self.script) - 1)]] = 100.0
+        self.step += 1
+        return logits
+
+
+class Log:
+    """Collects the server's log lines; wait_for() blocks until one holds a text (no sleeps)."""
+
+    def __init__(self):
+        self.lines, self.changed = [], threading.Condition()
+
+    def __call__(self, line):
+        with self.changed:
+            self.lines.append(line)
+            self.changed.notify_all()
+
+    def wait_for(self, text: str, count: int = 1) -> list:
+        with self.changed:
+            is_there = self.changed.wait_for(lambda: sum(text in x for x in self.lines) >= count,
+                                             timeout=60)
+        assert is_there, f"no log line with {text!r}; the last lines: {self.lines[-5:]}"
+        return [line for line in self.lines if text in line]
+
+
+@contextlib.contextmanager
+def running(model=None, phase="sft"):
+    """A serve.Server on 127.0.0.1 and a free port, serving in a thread; `model` None: loading."""
+    log = Log()
+    server = serve.Server("127.0.0.1", 0, log=log)
+    if model is not None:
+        server.set_model(model, Tokenizer([]), phase, "fp32")
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        yield server, log
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def missing_extra(what: str):
+    """Skip a test whose test-only extra (openai client, browser) is missing; fail under CI."""
+    if os.environ.get("CI"):
+        raise AssertionError(f"{what} is missing and CI is set: .ci/run must install it")
+    raise unittest.SkipTest(f"{what} is not installed")
