@@ -15,10 +15,13 @@ Design:
 - a phase is done when its output exists; phases.json records the settings each phase was made
   with, so a changed setting that makes finished work stale stops the run and says what to do.
   eval and report only read the models, so they are simply redone when asked for with --only
-- under torchrun each rank trains on its own slice of the data and gradients are averaged
+
+- the eval phase has a budget in minutes too: the caps of CORE and the chat evals that are left
+  at -1 are sized from a timed probe to fit in what is left of it
+- under torchrun every rank trains on its share of the data and scores its share of the eval
+  examples; counts are summed over ranks, so results do not depend on the number of processes
 
 Left out on purpose:
-- CORE and the chat evals: eval is bits per byte on the val shard plus greedy samples for now
 - torch.compile and wandb
 
 References:
@@ -41,12 +44,15 @@ import torch.distributed as dist
 
 from bpe import Tokenizer
 from cli import Progress, add_config_args, config_from_args, run_main, usable_cpus
-from data import (build_token_cache, default_run_dir, download_all, midtrain_batches,
-                  pretrain_batches, sft_batches, tokenizer_texts)
-from evals import evaluate_model
+from core import (core_lines, core_summary, evaluate_core, load_core_tasks, tokenizer_eval,
+                  tokenizer_samples)
+from data import (build_token_cache, default_run_dir, download_all, eval_bundle_path,
+                  midtrain_batches, pretrain_batches, sft_batches, tokenizer_texts)
+from evals import (CHAT_TASKS, chat_lines, chat_summary, evaluate_chat, evaluate_model,
+                   evaluate_quality, load_chat_tasks, merge_counts, quality_summary)
 from gpt import GPT, config_from_depth, load_checkpoint, pick_device, pick_precision
 from report import HONESTY, environment, read_json, write_atomic, write_report
-from tasks import midtrain_conversations, sft_conversations
+from tasks import load_task, midtrain_conversations, sft_conversations
 from train import Runtime, TrainConfig, train
 
 PHASES = ["download", "tokenizer", "tokenize", "pretrain", "midtrain", "sft", "eval", "report"]
@@ -59,6 +65,7 @@ OUTPUTS = {
     "sft": "sft",
     "eval": "eval.json",
 }
+PROBE_CAP = 2  # examples per task of the timed probe that sizes a budgeted eval cap
 DERIVED = ["eval", "report"]  # computed from the models: redone with --only, never stale
 # Rates for the banner's time estimates: measured on the 2-core reference machine (GPU nominal).
 FLOPS_PER_S = {"cpu": 120e9, "cuda": 300e12, "mps": 5e12}  # sustained training FLOP/s per process
@@ -108,10 +115,14 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class EvalConfig:
-    """Evaluation of the base, mid and sft models."""
+    """Evaluation: bpb and samples of every model, CORE (base), chat evals and quality (mid, sft)."""
+    minutes: float = 8.0         # wall-clock budget; caps left at -1 are sized to fit in it
     bpb_tokens: int = 0          # val tokens scored for the base model; 0 = the whole val shard
     chat_bpb_tokens: int = 262_144  # the same for mid and sft (their bpb shows what text they kept)
     sample_tokens: int = 48      # tokens generated per greedy sample
+    core_max_per_task: int = -1  # CORE examples per task; 0 = all, -1 = as the budget allows
+    chat_max_per_task: int = -1  # examples per chat eval; 0 = all, -1 = as the budget allows
+    quality_conversations: int = 200  # SmolTalk test conversations of the assistant-bpb measure
 
 
 # section -> (flag prefix, dataclass): --vocab-size, --pretrain-depth, --sft-lr-frac, ...
@@ -141,7 +152,8 @@ PRESETS = {
                      "eval_tokens": 8192, "log_every": 5},
         "midtrain": SMOKE_CHAT,
         "sft": SMOKE_CHAT,
-        "eval": {"bpb_tokens": 32_768, "chat_bpb_tokens": 32_768, "sample_tokens": 16},
+        "eval": {"bpb_tokens": 32_768, "chat_bpb_tokens": 32_768, "sample_tokens": 16,
+                 "core_max_per_task": 2, "chat_max_per_task": 2, "quality_conversations": 8},
     },
     # nanochat's d20 speedrun on one 8-GPU node (reference §6.1): 20 tokens per parameter
     "gpu": {
@@ -224,22 +236,80 @@ def run_training_phase(phase: str, cfgs: dict, rt: Runtime) -> dict:
     return train(phase, rt.path(OUTPUTS[phase]), model.train(), tok, cfg, make_batches, rt)
 
 
+def sum_over_ranks(counts: dict, rt: Runtime) -> dict:
+    """Counts of every rank's share of an eval, added up (evals.merge_counts); alone: counts."""
+    if rt.world_size == 1:
+        return counts
+    parts = [None] * rt.world_size
+    dist.all_gather_object(parts, counts)
+    return merge_counts(parts)
+
+
+def sized_cap(cap: int, run, seconds: float, rt: Runtime) -> int:
+    """cap when given (>= 0); for -1, the largest cap whose run(cap) fits in `seconds`, measured on
+    a probe run at PROBE_CAP whose results are dropped. Rank 0's measurement decides for all."""
+    if cap >= 0:
+        return cap
+    t0 = time.time()
+    run(PROBE_CAP)
+    per_unit = (time.time() - t0) / PROBE_CAP  # seconds per unit of cap (one example per task)
+    sized = torch.tensor([max(PROBE_CAP, int(seconds / per_unit))])
+    if rt.world_size > 1:
+        dist.broadcast(sized, src=0)
+    return int(sized.item())
+
+
 def run_eval_phase(cfgs: dict, rt: Runtime):
-    """Val bpb and greedy samples of every trained model, into eval.json."""
+    """Every eval of every model into eval.json, within cfg.minutes (see EvalConfig)."""
     cfg = cfgs["eval"]
     tok = Tokenizer.load(rt.path("tokenizer.bin"))
-    results = {}
-    for phase in TRAINING:
-        model, _ = load_checkpoint(rt.path(OUTPUTS[phase]), rt.device)
+    t_end = time.time() + cfg.minutes * 60
+    results = {phase: {} for phase in TRAINING}
+    results["tokenizer"] = tokenizer_eval(tok, tokenizer_samples(rt.run_dir))
+    models = {phase: load_checkpoint(rt.path(OUTPUTS[phase]), rt.device)[0] for phase in TRAINING}
+    smoltalk = load_task(rt.run_dir, "smoltalk-test")[:cfg.quality_conversations]
+    # --- 1) what every model gets: val bpb and greedy samples (rank 0); chat quality (mid, sft) ---
+    for phase, model in models.items():
         is_chat = phase != "pretrain"
-        max_tokens = cfg.chat_bpb_tokens if is_chat else cfg.bpb_tokens
-        r = evaluate_model(model, tok, rt.run_dir, is_chat, rt.device, rt.precision, max_tokens,
-                           cfg.sample_tokens)
-        results[phase] = r
-        rt.log(f"eval | {phase} | val_bpb {r['val_bpb']:.4f} | {r['val_tokens']:,} tokens")
-        for prompt, text in r["samples"]:
-            rt.log(f"sample | {prompt!r} -> {text!r}")
-    write_atomic(rt.path("eval.json"), json.dumps(results, indent=1))
+        if rt.rank == 0:
+            max_tokens = cfg.chat_bpb_tokens if is_chat else cfg.bpb_tokens
+            r = evaluate_model(model, tok, rt.run_dir, is_chat, rt.device, rt.precision,
+                               max_tokens, cfg.sample_tokens)
+            results[phase].update(r)
+            rt.log(f"eval | {phase} | val_bpb {r['val_bpb']:.4f} | {r['val_tokens']:,} tokens")
+            for prompt, text in r["samples"]:
+                rt.log(f"sample | {prompt!r} -> {text!r}")
+        if is_chat:
+            counts = evaluate_quality(model, tok, smoltalk, rt.precision, rt.rank, rt.world_size)
+            q = results[phase]["quality"] = quality_summary(sum_over_ranks(counts, rt))
+            rt.log(f"quality | {phase} | ended {q['ended_share']:.2f} | 4-gram repeats "
+                   f"{q['repeat_share']:.2f} | templates {q['template_share']:.2f} | smoltalk "
+                   f"bpb {q['smoltalk_bpb']:.4f}")
+    # --- 2) CORE (base), then the chat evals (mid, sft): each takes its share of what is left ---
+    bundle = eval_bundle_path(rt.run_dir)
+
+    def core(cap):
+        return evaluate_core(models["pretrain"], tok, bundle, rt.device, rt.precision, cap,
+                             rt.rank, rt.world_size)
+    cap = sized_cap(cfg.core_max_per_task, core, (t_end - time.time()) / 3, rt)
+    per_task = {label: {k: t[k] for k in ("correct", "total", "cropped")}
+                for label, t in core(cap)["tasks"].items()}
+    baselines = {t["label"]: t["baseline"] for t in load_core_tasks(bundle, PROBE_CAP)}
+    results["pretrain"]["core"] = core_summary(sum_over_ranks(per_task, rt), baselines)
+    for line in core_lines(results["pretrain"]["core"]):
+        rt.log(line)
+    for i, phase in enumerate(TRAINING[1:]):
+        def chat(cap):
+            tasks = load_chat_tasks(rt.run_dir, {name: cap for name in CHAT_TASKS})
+            return evaluate_chat(models[phase], tok, tasks, rt.precision, 256, rt.rank,
+                                 rt.world_size)
+        cap = sized_cap(cfg.chat_max_per_task, chat, (t_end - time.time()) / (2 - i), rt)
+        summary = chat_summary(sum_over_ranks(chat(cap), rt))
+        results[phase]["chat"] = summary
+        for line in chat_lines(summary):
+            rt.log(f"{phase} | {line}")
+    if rt.rank == 0:
+        write_atomic(rt.path("eval.json"), json.dumps(results, indent=1))
 
 
 def run_report_phase(cfgs: dict, rt: Runtime):
@@ -389,9 +459,10 @@ def main(argv=None):
         if phase in DERIVED:
             prior = 0.0
         note_phase(phase, cfgs, rt)
-        # training phases run on every rank; the others on rank 0 while the rest wait below
+        # training and eval run on every rank (each its share); the others on rank 0 while the
+        # rest wait below
         result = None
-        if rt.rank == 0 or phase in TRAINING:
+        if rt.rank == 0 or phase in TRAINING or phase == "eval":
             result = run_phase(phase, cfgs, rt)
         if rt.world_size > 1:
             dist.barrier()

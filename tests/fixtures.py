@@ -155,6 +155,32 @@ def task_rows(kind, n=12):
              "test": "assert f() == 1", "entry_point": "f"} for i in range(n)]
 
 
+def write_bundle(path: str, num_examples: int = 9):
+    """A tiny eval_bundle.zip: a 2-shot MC task, a 0-shot schema task and a 1-shot LM task whose
+    first example is longer than the byte GPT's 640-position rotary table."""
+    rng = random.Random(0)
+    mc = [{"query": f"q{i}?", "choices": [" yes", " no", " maybe"], "gold": i % 3}
+          for i in range(num_examples)]
+    schema = [{"context_options": [f"A{i}", f"B{i}"], "continuation": "ends", "gold": i % 2}
+              for i in range(num_examples)]
+    lm = [{"context": "w" * (800 if i == 0 else rng.randint(5, 20)), "continuation": f"c{i}"}
+          for i in range(num_examples)]
+    yaml = ("icl_tasks:\n-\n  label: mc\n  dataset_uri: x/mc.jsonl\n  num_fewshot: [2]\n"
+            "  icl_task_type: multiple_choice\n-\n  label: sc\n  dataset_uri: x/sc.jsonl\n"
+            "  num_fewshot: [0]\n  icl_task_type: schema\n- label: lm\n  dataset_uri: x/lm.jsonl\n"
+            "  num_fewshot: [1]\n  icl_task_type: language_modeling\n"
+            '  continuation_delimiter: "\\nA: "\n')
+    csv = ("Eval Task,Task Type,Random baseline,Description\n"
+           'mc,mc,33.3,"a, b"\nsc,s,50,x\nlm,lm,0,y\n')
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("eval_bundle/core.yaml", yaml)
+        z.writestr("eval_bundle/eval_meta_data.csv", csv)
+        for name, rows in (("mc", mc), ("sc", schema), ("lm", lm)):
+            text = "\n".join(json.dumps(r) for r in rows) + "\n"
+            z.writestr(f"eval_bundle/eval_data/x/{name}.jsonl", text)
+    return path
+
+
 def make_mirror(root):
     """A --mirror folder at the real URLs' paths: 1 train + the val shard of synthetic text, every
     task, a zip."""
@@ -177,8 +203,7 @@ def make_mirror(root):
             json.dump([data.LISTING_URL.format(repo, subset, split) + "/0.parquet"], f)
     bundle = os.path.join(root, *data.EVAL_BUNDLE_URL.split("://")[1].split("/"))
     os.makedirs(os.path.dirname(bundle), exist_ok=True)
-    with zipfile.ZipFile(bundle, "w") as z:
-        z.writestr("eval_bundle/core.yaml", "icl_tasks: []\n")
+    write_bundle(bundle)
     return root
 
 

@@ -2,23 +2,21 @@
 Tests of core.py: CORE prompts, scored spans, scoring with a model whose answers we control,
 centered accuracy and CORE, the rank split, cropping, the bundle loader and the tokenizer table.
 """
-import json
 import os
 import random
 import tempfile
 import unittest
 import zipfile
+from core import (TASK_TYPES, core_lines, core_summary, crop_left, evaluate_core, evaluate_example,
+                 fewshot_indices, load_core_tasks, parse_core_yaml, read_bundle_file,
+                 render_prompts, scored_spans, span_scores, tokenizer_eval, tokenizer_samples)
 
 import torch
 
 from bpe import Tokenizer
-from core import (TASK_TYPES, core_lines, core_summary, crop_left, evaluate_core,
-                  evaluate_example, fewshot_indices, load_core_tasks, parse_core_yaml,
-                  read_bundle_file, render_prompts, scored_spans, span_scores, tokenizer_eval,
-                  tokenizer_samples)
 from gpt import GPTConfig
 from report import CORE_NOTE
-from tests.fixtures import MIRROR, byte_gpt, prepared_run_dir, quiet
+from tests.fixtures import MIRROR, byte_gpt, prepared_run_dir, quiet, write_bundle
 
 BYTES = Tokenizer([])  # byte-level: one token per byte, so token positions are easy to count
 CPU = torch.device("cpu")
@@ -46,32 +44,6 @@ def bigram(pairs: dict) -> BigramModel:
     for (prev, nxt), logit in pairs.items():
         table[BYTES.bos_id if prev == "<bos>" else ord(prev), ord(nxt)] = logit
     return BigramModel(table)
-
-
-def write_bundle(path: str, num_examples: int = 9):
-    """A tiny eval_bundle.zip: a 2-shot MC task, a 0-shot schema task and a 1-shot LM task whose
-    first example is longer than the byte GPT's 640-position rotary table."""
-    rng = random.Random(0)
-    mc = [{"query": f"q{i}?", "choices": [" yes", " no", " maybe"], "gold": i % 3}
-          for i in range(num_examples)]
-    schema = [{"context_options": [f"A{i}", f"B{i}"], "continuation": "ends", "gold": i % 2}
-              for i in range(num_examples)]
-    lm = [{"context": "w" * (800 if i == 0 else rng.randint(5, 20)), "continuation": f"c{i}"}
-          for i in range(num_examples)]
-    yaml = ("icl_tasks:\n-\n  label: mc\n  dataset_uri: x/mc.jsonl\n  num_fewshot: [2]\n"
-            "  icl_task_type: multiple_choice\n-\n  label: sc\n  dataset_uri: x/sc.jsonl\n"
-            "  num_fewshot: [0]\n  icl_task_type: schema\n- label: lm\n  dataset_uri: x/lm.jsonl\n"
-            "  num_fewshot: [1]\n  icl_task_type: language_modeling\n"
-            '  continuation_delimiter: "\\nA: "\n')
-    csv = ("Eval Task,Task Type,Random baseline,Description\n"
-           'mc,mc,33.3,"a, b"\nsc,s,50,x\nlm,lm,0,y\n')
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("eval_bundle/core.yaml", yaml)
-        z.writestr("eval_bundle/eval_meta_data.csv", csv)
-        for name, rows in (("mc", mc), ("sc", schema), ("lm", lm)):
-            text = "\n".join(json.dumps(r) for r in rows) + "\n"
-            z.writestr(f"eval_bundle/eval_data/x/{name}.jsonl", text)
-    return path
 
 
 def test_core_render_prompts_known_strings():

@@ -32,8 +32,13 @@ def test_train_all_every_phase_writes_its_files():
             assert not [d for d in os.listdir(os.path.join(run_dir, "base"))
                         if d.startswith("resume")], "resume checkpoint left"
             report = json.load(open(os.path.join(run_dir, "report.json")))
-            assert set(report["eval"]) == {"pretrain", "midtrain", "sft"}, \
-                f"eval.json lacks a model: {report['eval'].keys()}"
+            evals = report["eval"]
+            assert set(evals) == {"pretrain", "midtrain", "sft", "tokenizer"}, \
+                f"eval.json lacks a model or the tokenizer: {evals.keys()}"
+            assert evals["pretrain"]["core"]["num_tasks"] == 3, "CORE missed a task of the bundle"
+            for phase in ("midtrain", "sft"):
+                assert len(evals[phase]["chat"]["tasks"]) == 6 and "quality" in evals[phase], \
+                    f"{phase}: the chat evals or the quality measure did not run"
             assert ("| Metric | BASE | MID | SFT |"
                     in open(os.path.join(run_dir, "report.md")).read()), "summary table missing"
             assert open(os.path.join(run_dir, "loss.svg")).read().startswith("<svg"), \
