@@ -260,6 +260,42 @@ def quality_table(evals: dict) -> list:
     return lines
 
 
+# --- the run's record: phases.json ---
+
+def record_phase(run_dir: str, phase: str, settings: dict, **extra):
+    """Merge a phase's settings (and extra fields, e.g. its minutes) into run_dir/phases.json."""
+    path = os.path.join(run_dir, "phases.json")
+    record = read_json(path)
+    record[phase] = {**record.get(phase, {}), "settings": settings, **extra}
+    write_atomic(path, json.dumps(record, indent=1))
+
+
+def stale_message(run_dir: str, settings: dict, outputs: dict) -> str | None:
+    """None, or what to do when work on disk was made with other settings than this run's.
+
+    settings: {phase: the settings its output depends on now} for the phases to check, in order;
+    outputs: {phase: its output path} for every phase that has one, in order (the later ones
+    are stale too). phases.json holds the settings each phase was made with.
+    """
+    record = read_json(os.path.join(run_dir, "phases.json"))
+    for phase, new in settings.items():
+        old = record.get(phase, {}).get("settings")
+        # a training phase's folder counts from its first checkpoint: a resume with other
+        # settings would mix two runs
+        if old in (None, new) or not os.path.exists(outputs[phase]):
+            continue
+        keys = sorted({**old, **new})
+        changed = "; ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in keys
+                            if old.get(k) != new.get(k))
+        later = list(outputs)[list(outputs).index(phase):]
+        stale = " ".join(outputs[p] for p in later if os.path.exists(outputs[p]))
+        return (f"{phase} in {run_dir} was made with other settings ({changed}).\n"
+                f"It and every later phase would be stale. Rerun with the old flags, or start "
+                f"them over:\n    rm -rf {stale}\n"
+                f"or keep that run and give this one its own --run-dir.")
+    return None
+
+
 # --- the report files ---
 
 def read_json(path: str) -> dict:

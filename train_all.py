@@ -15,9 +15,9 @@ Design:
 - a phase is done when its output exists; phases.json records the settings each phase was made
   with, so a changed setting that makes finished work stale stops the run and says what to do.
   eval and report only read the models, so they are simply redone when asked for with --only
-
-- the eval phase has a budget in minutes too: the caps of CORE and the chat evals that are left
-  at -1 are sized from a timed probe to fit in what is left of it
+- the training phases and the eval phase have budgets in minutes: a training phase plans its
+  steps from the speed of its first steps (train.plan_steps); the eval phase sizes the caps of
+  CORE and the chat evals that are left at -1 from a timed probe, to fit what is left of it
 - under torchrun every rank trains on its share of the data and scores its share of the eval
   examples; counts are summed over ranks, so results do not depend on the number of processes
 
@@ -51,7 +51,8 @@ from data import (build_token_cache, default_run_dir, download_all, eval_bundle_
 from evals import (CHAT_TASKS, chat_lines, chat_summary, evaluate_chat, evaluate_model,
                    evaluate_quality, load_chat_tasks, merge_counts, quality_summary)
 from gpt import GPT, config_from_depth, load_checkpoint, pick_device, pick_precision
-from report import HONESTY, environment, read_json, write_atomic, write_report
+from report import (HONESTY, environment, read_json, record_phase, stale_message, write_atomic,
+                    write_report)
 from tasks import load_task, midtrain_conversations, sft_conversations
 from train import Runtime, TrainConfig, train
 
@@ -358,31 +359,11 @@ def is_done(phase: str, rt: Runtime) -> bool:
 
 def check_settings(cfgs: dict, rt: Runtime):
     """Stop, saying what to do, when work on disk was made with other settings than this run's."""
-    record = read_json(rt.path("phases.json"))
-    for i, phase in enumerate(PHASES):
-        old = record.get(phase, {}).get("settings")
-        new = phase_settings(phase, cfgs)
-        # a training phase's folder counts from its first checkpoint: a resume with other settings
-        # would mix two runs
-        is_started = phase in OUTPUTS and os.path.exists(rt.path(OUTPUTS[phase]))
-        if phase in DERIVED or old in (None, new) or not is_started:
-            continue
-        keys = sorted({**old, **new})
-        changed = "; ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k))
-        later = [rt.path(OUTPUTS[p]) for p in PHASES[i:] if p in OUTPUTS]
-        stale = " ".join(path for path in later if os.path.exists(path))
-        raise ValueError(f"{phase} in {rt.run_dir} was made with other settings ({changed}).\n"
-                         f"It and every later phase would be stale. Rerun with the old flags, or "
-                         f"start them over:\n    rm -rf {stale}\n"
-                         f"or keep that run and give this one its own --run-dir.")
-
-
-def note_phase(phase: str, cfgs: dict, rt: Runtime, **extra):
-    """Record in phases.json the settings a phase runs with (and, once it is done, its minutes)."""
-    if rt.rank == 0:
-        record = read_json(rt.path("phases.json"))
-        record[phase] = {**record.get(phase, {}), "settings": phase_settings(phase, cfgs), **extra}
-        write_atomic(rt.path("phases.json"), json.dumps(record, indent=1))
+    # eval and report only read the models: they are redone, never stale
+    settings = {p: phase_settings(p, cfgs) for p in OUTPUTS if p not in DERIVED}
+    message = stale_message(rt.run_dir, settings, {p: rt.path(OUTPUTS[p]) for p in OUTPUTS})
+    if message:
+        raise ValueError(message)
 
 
 def estimate(cfgs: dict, rt: Runtime) -> tuple:
@@ -458,7 +439,8 @@ def main(argv=None):
         prior = read_json(rt.path("phases.json")).get(phase, {}).get("minutes", 0.0)
         if phase in DERIVED:
             prior = 0.0
-        note_phase(phase, cfgs, rt)
+        if rt.rank == 0:
+            record_phase(rt.run_dir, phase, phase_settings(phase, cfgs))
         # training and eval run on every rank (each its share); the others on rank 0 while the
         # rest wait below
         result = None
@@ -468,7 +450,8 @@ def main(argv=None):
             dist.barrier()
         # a training phase counts its own minutes (resumes included); the others are timed here
         phase_minutes = result["minutes"] if result else prior + (time.time() - t0) / 60
-        note_phase(phase, cfgs, rt, minutes=phase_minutes)
+        if rt.rank == 0:
+            record_phase(rt.run_dir, phase, phase_settings(phase, cfgs), minutes=phase_minutes)
     if rt.world_size > 1:
         dist.destroy_process_group()
 
