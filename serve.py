@@ -190,6 +190,7 @@ class Handler(BaseHTTPRequestHandler):
     """One connection, one request: check the Host, route, answer or stream; errors: 4xx, 500."""
 
     timeout = SOCKET_TIMEOUT_S  # StreamRequestHandler puts it on the socket: every read and write
+    disable_nagle_algorithm = True  # TCP_NODELAY: a token leaves at once, not after an ACK (Nagle)
     server_version = "tinychat"
     default_request_version = "HTTP/1.0"  # so that a garbled request line's 400 has a status line
     has_started = False         # a streamed 200 went out: no other status can follow
@@ -206,8 +207,7 @@ class Handler(BaseHTTPRequestHandler):
             self.server.log(traceback.format_exc().rstrip())
             if not self.has_started:  # mid-stream the 200 is sent: the stream just ends, no [DONE]
                 with contextlib.suppress(ClientGone):
-                    error = ApiError(500, "internal error; the server log has the traceback")
-                    self._send_error(error)
+                    self._send_error(ApiError(500, "internal error; the server log has details"))
 
     # the methods HTTP defines go to the router, so a wrong one gets 405, not http.server's 501
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _handle
@@ -250,8 +250,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> dict:
         """The body as a JSON object; 400, 411, 413 or 415 if not; ClientGone if it stops coming."""
-        content_type = self.headers.get("Content-Type") or ""
-        if content_type.split(";")[0].strip().lower() != "application/json":
+        if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
             raise ApiError(415, "send the body as JSON, with 'Content-Type: application/json'")
         lengths = self.headers.get_all("Content-Length") or ["(none)"]
         if (len(set(lengths)) > 1 or not lengths[0].strip().isdecimal()
