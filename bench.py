@@ -389,7 +389,8 @@ def bench_serve(args):
              repeats=args.repeats,
              ttft_ms_api=round(ttft["api"], 1), ttft_ms_direct=round(ttft["direct"], 1),
              tok_per_sec_api=round(speed["api"], 1), tok_per_sec_direct=round(speed["direct"], 1),
-             api_over_direct=round(speed["api"] / speed["direct"], 3))
+             api_over_direct=round(speed["api"] / speed["direct"], 3),
+             rounds_tok_per_sec={k: [round(r[1]) for r in v] for k, v in runs.items()})
         # a client leaves mid-answer: how long until the next request's one-token answer is back
         waits = []
         for _ in range(args.repeats):
