@@ -43,7 +43,6 @@ import os
 import re
 import secrets
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -51,6 +50,7 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from bpe import render_for_completion
+from cli import run_main
 from data import default_run_dir
 from gpt import pick_device, pick_precision
 from sampler import (MAX_NEW_TOKENS, MAX_TEMPERATURE, MAX_TOP_K, PHASE_DIRS, SampleConfig,
@@ -471,13 +471,14 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
     parser.add_argument("--device", help="cpu, cuda or mps (default: cuda if present, else cpu)")
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a port; use 0 to 65535")
     run_dir = args.run_dir or default_run_dir()
+    device = pick_device(args.device)
     try:
-        device = pick_device(args.device)
         server = Server(args.host, args.port, log=lambda line: print(line, flush=True))
-    # an unknown device, a port over 65535 or taken, a host that is not this machine's
-    except (ValueError, OverflowError, OSError) as e:
-        sys.exit(f"serve: cannot serve on {args.host}:{args.port}: {e}")
+    except OSError as e:  # the port is taken, or the host is not an address of this machine
+        raise OSError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from e
     precision = pick_precision(device)  # the one precision choice; every generate() gets it
     if server.allowed_hosts is None:
         print(f"serve: WARNING: {args.host} is open to the network, with no API key and no TLS")
@@ -486,13 +487,11 @@ def main(argv=None):
                      daemon=True).start()
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        print("\nserve: stopped")
-    finally:
+    finally:  # Ctrl-C, or the model failed to load: the port closes either way
         server.server_close()
     if server.load_error:
-        sys.exit(f"serve: {server.load_error}")
+        raise server.load_error  # no model: run_main prints the command that trains one
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "serve")
