@@ -358,7 +358,8 @@ def bench_serve(args):
     import signal
     import threading
 
-    from bpe import Tokenizer, render_for_completion
+    from bpe import Tokenizer
+    from chat import render_for_completion
     from gpt import config_from_depth, load_checkpoint, pick_device
     from sampler import generate
 

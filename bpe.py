@@ -1,8 +1,8 @@
 """
-Byte-level BPE tokenizer (train, encode, decode) and the chat template, with numpy and stdlib re.
+Byte-level BPE tokenizer (train, encode, decode), with numpy and stdlib re.
 
-Used by data.py (documents -> token ids), sampler.py and evals.py (conversations -> ids) and
-train_all.py (the tokenizer phase). Imports no project module; returns plain Python lists.
+Used by data.py (documents -> token ids), chat.py (conversations -> ids), the sampler, the evals
+and train_all.py (the tokenizer phase). Imports no project module; returns plain Python lists.
 
 Design:
 - ids 0..255 are the raw bytes, merge i gets id 256+i, the 9 special tokens come last, so
@@ -14,8 +14,8 @@ Design:
   the places where the merged pair occurs (learn_merges has a worked example)
 - splitting the training text uses every core (multiprocessing); data.py encodes the shards
   on every core too, with one Tokenizer per worker process (pickled as its merges only)
-- special tokens come only from ids (special_id, render_conversation): "<|bos|>" inside a
-  document is ordinary text, as with nanochat's encode_ordinary
+- special tokens come only from ids (special_id; chat.render_conversation places them): "<|bos|>"
+  inside a document is ordinary text, as with nanochat's encode_ordinary
 
 Left out on purpose:
 - the `regex` module, so Unicode letter/number classes are approximated (see SPLIT_PATTERN)
@@ -67,14 +67,22 @@ SPLIT_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|(?:[^\r\n\w]|_)?+[^\W\d_" + OTHER_NUMBE
 # <|bos|> starts every document and every conversation; user and assistant turns sit between
 # their start/end pair; <|python_start|>..<|python_end|> is a calculator call the assistant
 # writes, <|output_start|>..<|output_end|> the answer the sampler pastes in (sampler.py).
-SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+SPECIAL_TOKENS = [
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+]
 
 FILE_VERSION = "tinychat-bpe 1"   # first line of a saved tokenizer; bump when the format changes
 DOCS_PER_TASK = 256               # documents per split task: ~1.6 M characters, ~0.15 s of work;
                                   # smaller tasks cost the main process more Counter merging
 CACHE_LIMIT = 1_000_000           # cached chunk encodings before the cache starts over (~175 MB)
-PART_TYPES = ("text", "python", "python_output")   # kinds of parts in an assistant message
 NO_MERGE = 1 << 62                # rank of a pair that is no merge: larger than any id
 
 
@@ -93,7 +101,8 @@ class Tokenizer:
         self.vocab_bytes = [bytes([i]) for i in range(256)]
         for a, b in self.merges:
             self.vocab_bytes.append(self.vocab_bytes[a] + self.vocab_bytes[b])
-        self.special_ids = {name: len(self.vocab_bytes) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        first_special = len(self.vocab_bytes)
+        self.special_ids = {name: first_special + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.bos_id = self.special_ids["<|bos|>"]
         self.vocab_size = len(self.vocab_bytes) + len(SPECIAL_TOKENS)
         self.pattern = re.compile(SPLIT_PATTERN)
@@ -113,7 +122,8 @@ class Tokenizer:
         """
         num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if num_merges < 0:
-            raise ValueError(f"vocab_size {vocab_size} is too small: bytes and special tokens alone need 265")
+            raise ValueError(f"vocab_size {vocab_size} is too small: bytes and special tokens "
+                             f"alone need 265")
         chunk_counts = count_chunks(texts, progress)
         chunks = [chunk.encode("utf-8") for chunk in chunk_counts]
         counts = np.fromiter(chunk_counts.values(), dtype=np.int64, count=len(chunks))
@@ -170,9 +180,12 @@ class Tokenizer:
         """Ids -> text; special tokens print as their names; broken UTF-8 becomes U+FFFD."""
         # Decoding joins bytes first and only then decodes UTF-8: one character may be split
         # over two tokens ("é" is b"\xc3\xa9"), and neither half is text on its own.
-        ids, names = [int(i) for i in ids], {i: name.encode() for name, i in self.special_ids.items()}
-        if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:  # a negative id would wrap around silently
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got ids from {min(ids)} to {max(ids)}")
+        ids = [int(i) for i in ids]
+        names = {i: name.encode() for name, i in self.special_ids.items()}
+        # NOTE: checked, because a negative id would wrap around silently
+        if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got ids from "
+                             f"{min(ids)} to {max(ids)}")
         text_bytes = b"".join(names[i] if i in names else self.vocab_bytes[i] for i in ids)
         return text_bytes.decode("utf-8", errors="replace")
 
@@ -184,7 +197,8 @@ class Tokenizer:
         """int32 (V,): bytes per token, 0 for specials; bits per byte divides by these."""
         # NOTE: raw bytes, not len(decode([id])): a token holding part of a UTF-8 character
         # decodes to U+FFFD (3 bytes), the bug nanochat fixed in commit 2ce972a.
-        return np.array([len(b) for b in self.vocab_bytes] + [0] * len(SPECIAL_TOKENS), dtype=np.int32)
+        lengths = [len(b) for b in self.vocab_bytes] + [0] * len(SPECIAL_TOKENS)
+        return np.array(lengths, dtype=np.int32)
 
     def special_id(self, name: str) -> int:
         """Id of a special token by name, e.g. special_id("<|bos|>")."""
@@ -207,7 +221,8 @@ class Tokenizer:
           <|bos|> <|user_start|> ... <|output_end|>
           32 116                      merge 0: b" " + b"t" -> id 256
         """
-        lines = [FILE_VERSION, SPLIT_PATTERN, " ".join(SPECIAL_TOKENS)] + [f"{a} {b}" for a, b in self.merges]
+        header = [FILE_VERSION, SPLIT_PATTERN, " ".join(SPECIAL_TOKENS)]
+        lines = header + [f"{a} {b}" for a, b in self.merges]
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
         os.replace(path + ".tmp", path)   # readers never see half a file
@@ -244,7 +259,10 @@ def count_chunks(texts, progress=None) -> Counter:
     # NOTE: on macOS/Windows the workers re-import the caller's script, so a script calling
     # this needs the usual `if __name__ == "__main__":` guard (every tinychat entry point has it).
     # the CPUs this process may use (cli.usable_cpus, written out: layer 0 imports nothing)
-    num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        num_workers = len(os.sched_getaffinity(0))
+    else:
+        num_workers = os.cpu_count()
     total, pending, num_chars = Counter(), deque(), 0
     # NOTE: bpe.py imports no project module (layer 0), so the caller hands in its printer
     printer = progress("split", None, "chars") if progress else None
@@ -416,84 +434,3 @@ def learn_merges(chunks, counts, num_merges, progress=None) -> list:
     if printer:
         printer.update(len(merges), is_final=True)
     return merges
-
-
-# --- chat template ---
-
-def _check_conversation(conversation) -> list:
-    """Validate; return messages with a leading system message merged into the first user turn."""
-    messages = conversation.get("messages") if isinstance(conversation, dict) else None
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ValueError("a conversation must be a dict with a non-empty 'messages' list of dicts")
-    if messages[0].get("role") == "system":
-        # nanochat has no system token: the system text leads the first user message
-        system, user = messages[0].get("content"), len(messages) > 1 and messages[1]
-        if not (user and user.get("role") == "user" and isinstance(system, str)
-                and isinstance(user.get("content"), str)):
-            raise ValueError("a system message must be followed by a user message, both with string content")
-        messages = [{"role": "user", "content": system + "\n\n" + user["content"]}] + messages[2:]
-    for i, message in enumerate(messages):
-        role, content = message.get("role"), message.get("content")
-        if role != ("user", "assistant")[i % 2]:
-            raise ValueError(f"message {i} has role {role!r}: roles must alternate user, assistant, user, ...")
-        if not isinstance(content, str) and (role == "user" or not isinstance(content, list)):
-            raise ValueError(f"message {i} ({role}) content must be a string (assistant: or a list of parts)")
-        for part in content if isinstance(content, list) else []:
-            if not (isinstance(part, dict) and isinstance(part.get("text"), str) and part.get("type") in PART_TYPES):
-                raise ValueError(f"message {i} has a bad part {part!r}: "
-                                 f"want {{'type': one of {PART_TYPES}, 'text': str}}")
-    return messages
-
-
-def render_conversation(tok, conversation, max_tokens=2048):
-    """Conversation -> (ids, mask), both truncated to max_tokens; mask 1 = the model learns it.
-
-    Layout (no separators between special tokens and text):
-      <|bos|> <|user_start|> user <|user_end|> <|assistant_start|> reply <|assistant_end|> ...
-    Only what the assistant writes is supervised: its text, its python calls including
-    <|python_start|> and <|python_end|>, and <|assistant_end|> (so it learns to stop).
-    Tool outputs are pasted in by the sampler at run time, so they get mask 0, as do user
-    turns and <|assistant_start|> (the sampler writes that one itself). For example:
-      ids   <|bos|> <|user_start|> hi <|user_end|> <|assistant_start|> yo <|assistant_end|>
-      mask     0          0         0      0               0            1         1
-    SFT turns the mask into targets: y = ids[1:] with -1 wherever mask[1:] is 0.
-    """
-    ids, mask = [], []
-
-    def add(new_ids, supervised):
-        ids.extend(new_ids)
-        mask.extend([supervised] * len(new_ids))
-
-    def wrap(start, text, end):
-        return [tok.special_id(start)] + tok.encode(text) + [tok.special_id(end)]
-
-    add([tok.bos_id], 0)
-    for message in _check_conversation(conversation):
-        content = message["content"]
-        if message["role"] == "user":
-            add(wrap("<|user_start|>", content, "<|user_end|>"), 0)
-            continue
-        add([tok.special_id("<|assistant_start|>")], 0)
-        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-            if part["type"] == "text":
-                add(tok.encode(part["text"]), 1)
-            elif part["type"] == "python":
-                add(wrap("<|python_start|>", part["text"], "<|python_end|>"), 1)
-            else:
-                add(wrap("<|output_start|>", part["text"], "<|output_end|>"), 0)
-        add([tok.special_id("<|assistant_end|>")], 1)
-    return ids[:max_tokens], mask[:max_tokens]
-
-
-def render_for_completion(tok, conversation) -> list:
-    """Conversation -> prompt ids ending in <|assistant_start|>, for the model to continue.
-
-    As in nanochat, a final assistant message (the reference answer, in evals) is dropped.
-    Deviation: a conversation that ends with a user message is used as is (that is what chat
-    clients send), and nothing is truncated: the caller knows its context length.
-    """
-    messages = _check_conversation(conversation)
-    if messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    ids, _ = render_conversation(tok, {"messages": messages}, max_tokens=None)
-    return ids + [tok.special_id("<|assistant_start|>")]

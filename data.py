@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from bpe import render_conversation
+from chat import render_conversation
 from cli import Progress, usable_cpus
 
 # The ClimbMix shards nanochat HEAD trains on; shard_06542 is its pinned validation shard.

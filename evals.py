@@ -51,7 +51,7 @@ import re
 import numpy as np
 import torch
 
-from bpe import render_conversation, render_for_completion
+from chat import render_conversation, render_for_completion
 from cli import Progress
 from data import val_rows
 from gpt import autocast

@@ -49,7 +49,7 @@ import traceback
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from bpe import render_for_completion
+from chat import render_for_completion
 from cli import run_main
 from data import default_run_dir
 from gpt import pick_device, pick_precision

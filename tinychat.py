@@ -25,7 +25,7 @@ Examples:
 import argparse
 from dataclasses import asdict
 
-from bpe import render_for_completion
+from chat import render_for_completion
 from cli import add_config_args, config_from_args, run_main
 from data import default_run_dir
 from gpt import pick_device, pick_precision

@@ -26,7 +26,7 @@ import torch
 import data
 import serve
 import train_all
-from bpe import Tokenizer
+from bpe import SPECIAL_TOKENS, Tokenizer
 from gpt import GPT, GPTConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 MIRROR = os.path.join(ROOT, "..", "shared", "mirror")  # the offline data, where a checkout has it
@@ -93,6 +93,21 @@ class FileServer:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+# --- tiny tokenizers ---
+
+
+BPE_CORPUS = [
+    "The cat sat on the mat. The cat's hat is flat! 1234567 cats, 89 hats.\n\n",
+    "aaaa aaaaaaa aa bbbb abab abababab ____ snake_case __init__ ",
+    "naïve café 你好世界 🌍🙂 e\u0301 \t\t  \n\r\n  tabs\tand\x00control\x1fchars ",
+]
+
+
+def bpe_tiny_tokenizer(num_merges=60):
+    """A BPE with num_merges merges learned from BPE_CORPUS (emoji, CJK, runs, control chars)."""
+    return Tokenizer.train(BPE_CORPUS * 3, 256 + num_merges + len(SPECIAL_TOKENS))
 
 
 # --- tiny models ---

@@ -1,6 +1,6 @@
 """
 Tests of bpe.py: merges against a slow pure-Python oracle, the known answer, encode, round trips,
-special tokens, save/load, the split pattern and the chat template.
+special tokens, save/load and the split pattern.
 """
 import os
 import random
@@ -8,15 +8,8 @@ import re
 import tempfile
 from collections import Counter
 
-from bpe import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, render_conversation, render_for_completion
-from tests.fixtures import ROOT
-
-
-BPE_CORPUS = [
-    "The cat sat on the mat. The cat's hat is flat! 1234567 cats, 89 hats.\n\n",
-    "aaaa aaaaaaa aa bbbb abab abababab ____ snake_case __init__ ",
-    "naïve café 你好世界 🌍🙂 e\u0301 \t\t  \n\r\n  tabs\tand\x00control\x1fchars ",
-]
+from bpe import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from tests.fixtures import BPE_CORPUS, ROOT, bpe_tiny_tokenizer
 
 
 def bpe_slow_merges(texts, num_merges):
@@ -47,10 +40,6 @@ def bpe_slow_merges(texts, num_merges):
             merged[tuple(out)] += count
         words = merged
     return merges
-
-
-def bpe_tiny_tokenizer(num_merges=60):
-    return Tokenizer.train(BPE_CORPUS * 3, 256 + num_merges + len(SPECIAL_TOKENS))
 
 
 def test_bpe_merges_match_slow_oracle():
@@ -183,59 +172,6 @@ def test_bpe_split_pattern_matches_gpt4_style():
     for text, chunks in cases.items():
         assert re.findall(SPLIT_PATTERN, text) == chunks, \
             f"split of {text!r} drifted from nanochat's pattern"
-
-
-def test_bpe_chat_template_masks():
-    """Only assistant text, python calls and <|assistant_end|> are supervised; system merges into
-    user."""
-    tok = bpe_tiny_tokenizer()
-    sid = tok.special_id
-    parts = [{"type": "text", "text": "cats "}, {"type": "python", "text": "1+1"},
-             {"type": "python_output", "text": "2"}, {"type": "text", "text": "sat"}]
-    conv = {"messages": [{"role": "system", "content": "Be brief."},
-                         {"role": "user", "content": "hi"},
-                         {"role": "assistant", "content": parts}]}
-    ids, mask = render_conversation(tok, conv)
-    expected = ([tok.bos_id, sid("<|user_start|>")] + tok.encode("Be brief.\n\nhi")
-                + [sid("<|user_end|>"), sid("<|assistant_start|>")]
-                + tok.encode("cats ") + [sid("<|python_start|>")] + tok.encode("1+1")
-                + [sid("<|python_end|>")]
-                + [sid("<|output_start|>")] + tok.encode("2") + [sid("<|output_end|>")]
-                + tok.encode("sat") + [sid("<|assistant_end|>")])
-    assert ids == expected, \
-        "rendered ids differ from nanochat's layout (system merge or part tokens)"
-    supervised = [i for i, m in zip(ids, mask) if m]
-    assert supervised == (tok.encode("cats ") + [sid("<|python_start|>")] + tok.encode("1+1")
-                          + [sid("<|python_end|>")]
-                          + tok.encode("sat") + [sid("<|assistant_end|>")]), \
-        "mask must cover exactly what the assistant writes"
-    short_ids, short_mask = render_conversation(tok, conv, max_tokens=7)
-    assert short_ids == ids[:7] and short_mask == mask[:7], \
-        "max_tokens must truncate ids and mask together"
-    prompt = render_for_completion(tok, conv)
-    assert prompt == ids[:ids.index(sid("<|assistant_start|>")) + 1], \
-        "completion prompt must drop the answer and end in assistant_start"
-
-
-def test_bpe_chat_template_rejects_bad_conversations():
-    """Empty, non-alternating or badly typed conversations raise ValueError naming the problem."""
-    tok = bpe_tiny_tokenizer(num_merges=5)
-    user, bot = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}
-    bad = [{}, {"messages": []}, {"messages": [bot]}, {"messages": [user, user]},
-           {"messages": [{"role": "system", "content": "s"}, bot]},
-           {"messages": [{"role": "user", "content": 3}]},
-           {"messages": [user, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]}]
-    for conv in bad:
-        try:
-            render_conversation(tok, conv)
-            raise AssertionError(f"{conv} must raise ValueError")
-        except ValueError as e:
-            assert "message" in str(e) or "conversation" in str(e), f"unhelpful error: {e}"
-    try:
-        Tokenizer.train(["abc"], 100)
-        raise AssertionError("vocab_size below 265 must raise ValueError")
-    except ValueError:
-        pass
 
 
 def test_bpe_source_compiles_without_warnings():

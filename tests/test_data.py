@@ -13,7 +13,8 @@ import torch
 
 import data
 import tasks
-from bpe import Tokenizer, render_conversation
+from bpe import Tokenizer
+from chat import render_conversation
 from tests.fixtures import FileServer, quiet
 
 

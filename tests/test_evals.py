@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from bpe import Tokenizer, render_for_completion
+from bpe import Tokenizer
+from chat import render_for_completion
 from evals import (answer_counts, assistant_nats, chat_summary, evaluate_bpb, evaluate_chat,
                    evaluate_quality, final_answer, humaneval_program, merge_counts, pick_letter,
                    quality_summary, template_of)
