@@ -1,5 +1,6 @@
 """
-The GPT: nanochat's Transformer, its KV cache, checkpoints, and the device and precision choice.
+The GPT: nanochat's Transformer, its loss, KV cache, checkpoints, and the device, precision
+and compile choice.
 
 Used by sampler.py (sampling), evals.py (scoring), train_all.py (training) and bench.py; imports
 only torch. Builds the model, runs it, saves it, loads it. The optimizers live in optim.py.
@@ -23,6 +24,9 @@ Design:
 - Precision: weights are always fp32 ("master weights"); `autocast` runs the matmuls in bf16
   where `pick_precision` says so: on GPUs and on CPUs with bf16 instructions, where it trains as
   well as fp32 and faster. The model code itself never names a dtype, so fp32 is one argument away.
+- The loss keeps one copy of the (B, T, V) logits for backward (SoftcapCrossEntropy), not six.
+- torch.compile fuses the many small ops (norms, rotary, softcap, loss) into a few kernels, where
+  `pick_compile` finds it works; the code is the same compiled or eager, so are the numbers.
 - Checkpoints: model.pt (tensors only), meta.json (config, step, metrics), optim.pt, each written
   to name.tmp and os.replace'd, and read with torch.load(weights_only=True), which cannot run code.
 
@@ -31,10 +35,6 @@ Left out on purpose:
   sliding windows, vocab padding): the course follows the simpler OLD model.
 - dropout and biases: nanochat has neither; pretraining sees each token about once.
 - building the model on the "meta" device: our CPU models initialise in well under a second.
-- torch.compile: it fuses the many small elementwise ops (norms, rotary, softcap, loss) and made
-  a depth-6 bf16 training step 1.4x faster here, but it needs a working C++ compiler at run time,
-  which `pip install` does not bring (Windows and many laptops lack one). The course stays eager
-  so that it runs wherever torch runs; on a GPU box, compiling the model is a one-line experiment.
 
 References:
 - Attention is all you need (Vaswani et al.): https://arxiv.org/abs/1706.03762
@@ -47,10 +47,12 @@ References:
 - nanochat: https://github.com/karpathy/nanochat
 """
 import contextlib
+import ctypes
 import json
 import math
 import os
 import pickle
+import platform
 from dataclasses import asdict, dataclass
 
 import torch
@@ -120,6 +122,70 @@ def apply_rotary(x, cos, sin):
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]  # (B, T, H, D/2) each
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)  # (B, T, H, D)
+
+
+def softcap(logits):
+    """SOFTCAP * tanh(logits / SOFTCAP): each logit squashed into (-15, 15), same shape."""
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+# Logits per chunk of rows in the eager loss. CPU: 2^20, fp32 temporaries of 4 MB that stay in
+# cache (the --cpu preset's loss: 1.4 s vs 3.1 s with 2^24). GPU: 2^26, for fewer kernel launches.
+LOSS_CHUNK = {"cpu": 2**20, "cuda": 2**26, "mps": 2**26}
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Each row's nats = logsumexp(z) - z[target], z = softcap(logits), keeping one copy of logits.
+
+    As plain ops (.float(), /15, tanh, *15, log_softmax), autograd keeps six (B, T, V) tensors for
+    backward, five in fp32: 1.4 GB of the --cpu preset's 2.3 GB peak (8,192 rows x 8,192 logits).
+    This keeps the logits it was given (bf16 under autocast) and one number per row, and recomputes
+    the rest in chunks of rows: on that shape 272 instead of 1,024 MiB at peak, 1.4 instead of 2.2 s
+    (forward + backward). Compiled, it fuses like the plain ops into kernels that stream each row
+    without temporaries (384 MiB, 1.0 s), so one code path serves both.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        """logits (N, V), any float dtype; targets (N,), -1 = ignored -> nats (N,) fp32."""
+        rows = _loss_rows(logits)
+        is_counted = targets != -1  # (N,)
+        safe = targets.clamp(min=0)  # (N,): -1 -> 0, a valid index whose loss is zeroed
+        nats = logits.new_empty(len(logits), dtype=torch.float32)  # (N,)
+        lse = torch.empty_like(nats)  # (N,) logsumexp of each row
+        for i in range(0, len(logits), rows):
+            # NOTE: .float() before the softcap: in bf16, tanh and the logsumexp over 32k+ logits
+            # lose the small differences between likely tokens
+            z = softcap(logits[i:i + rows].float())  # (n, V) fp32
+            lse[i:i + rows] = torch.logsumexp(z, dim=-1)  # (n,)
+            picked = z.gather(1, safe[i:i + rows, None]).squeeze(1)  # (n,) each target's z
+            nats[i:i + rows] = (lse[i:i + rows] - picked) * is_counted[i:i + rows]  # (n,)
+        ctx.save_for_backward(logits, safe, is_counted, lse)
+        return nats
+
+    @staticmethod
+    def backward(ctx, grad_nats):
+        # d nats/d z = softmax(z) - onehot(target), d z/d logit = 1 - t^2 with t = tanh(logit/15):
+        #   grad = grad_nats * (exp(z - lse) - onehot) * (1 - t^2), zero on ignored rows
+        logits, safe, is_counted, lse = ctx.saved_tensors
+        rows = _loss_rows(logits)
+        scale = (grad_nats * is_counted)[:, None]  # (N, 1)
+        grad = torch.empty_like(logits)  # (N, V), the logits' dtype
+        vocab = torch.arange(logits.size(1), device=logits.device)  # (V,)
+        for i in range(0, len(logits), rows):
+            t = torch.tanh(logits[i:i + rows].float() / SOFTCAP)  # (n, V)
+            p = torch.exp(SOFTCAP * t - lse[i:i + rows, None])  # (n, V) softmax of z
+            is_target = vocab == safe[i:i + rows, None]  # (n, V) onehot
+            grad[i:i + rows] = (p - is_target.float()) * scale[i:i + rows] * (1 - t * t)  # (n, V)
+        return grad, None
+
+
+def _loss_rows(logits):
+    # NOTE: compiled, one chunk: the fused kernels hold no (n, V) temporaries, and a loop would be
+    # unrolled into one copy of the graph per chunk (slower to compile, nothing gained)
+    if torch.compiler.is_compiling():
+        return logits.size(0)
+    return max(1, LOSS_CHUNK.get(logits.device.type, 2**26) // logits.size(1))
 
 
 class KVCache:
@@ -281,15 +347,15 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = norm(x)  # (B, T, C)
-        # NOTE: .float() before the softcap and the loss: in bf16, tanh and log-softmax over 32k+
-        # logits lose the small differences between likely tokens
-        logits = self.lm_head(x).float()  # (B, T, V)
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)  # (B, T, V), each in (-15, 15)
+        logits = self.lm_head(x)  # (B, T, V), bf16 under bf16 autocast
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
-                               reduction=loss_reduction)  # scalar, or (B*T,) for "none"
-        return loss.view(B, T) if loss_reduction == "none" else loss
+            return softcap(logits.float())  # (B, T, V) fp32
+        nats = SoftcapCrossEntropy.apply(logits.view(B * T, -1), targets.reshape(B * T))  # (B*T,)
+        if loss_reduction == "none":
+            return nats.view(B, T)  # (B, T), 0 where ignored
+        assert loss_reduction in ("mean", "sum"), f"unknown loss_reduction {loss_reduction!r}"
+        # the mean is over counted targets (NaN when there are none, as in F.cross_entropy)
+        return nats.sum() / ((targets != -1).sum() if loss_reduction == "mean" else 1)
 
 
 # --- device and precision -------------------------------------------------------------------
@@ -333,6 +399,41 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def pick_compile(device: torch.device, choice: str = "auto") -> tuple[bool, str]:
+    """The one compile policy: (use torch.compile?, why, for the banner); choice auto, on or off."""
+    # torch.compile writes C++ on a CPU (it needs a C++ compiler with OpenMP and Python's headers)
+    # and Triton on a GPU. "auto" checks that the only reliable way, by compiling a tiny function:
+    # a few seconds, mostly imports and CPU checks that the model's compile does anyway.
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"compile must be auto, on or off, got {choice!r}")
+    if choice != "auto" or device.type == "mps":  # mps: inductor's coverage is still partial
+        return choice == "on", f"compile {choice}" if choice != "auto" else "eager on mps"
+    try:
+        torch.compile(lambda x: torch.tanh(x) + 1, dynamic=False)(torch.ones(8, device=device))
+    # RuntimeError: torch's BackendCompilerFailed (no compiler, no Triton) or an unsupported Python
+    except (RuntimeError, OSError) as e:
+        return False, f"eager: torch.compile fails here ({str(e).strip().splitlines()[0][:100]})"
+    return True, "compiled: torch.compile works here (--compile off for eager)"
+
+
+def keep_freed_memory(device: torch.device) -> str:
+    """Make glibc keep the memory a CPU training step frees for the next step; a banner line."""
+    # glibc's malloc gives a block above M_MMAP_THRESHOLD (128 KB, rising up to 32 MB) its own mmap,
+    # unmaps it when freed, and trims the heap's free top past M_TRIM_THRESHOLD. A step frees
+    # hundreds of MB and asks for them again, so the kernel maps and zeroes them anew, a page fault
+    # per 4 KB: at the --cpu preset 750,000 faults, 1.4 s of kernel time in a 4.3 s step. Every
+    # block in the heap (M_MMAP_MAX 0), no trim below 2 GB free and one heap for all threads
+    # (M_ARENA_MAX 1, less fragmentation) end it; the price: peak RSS 1.42 GB instead of 1.24.
+    if device.type != "cpu" or platform.libc_ver()[0] != "glibc":
+        return "allocator: default"
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # mallopt's codes, glibc's malloc.h
+    settings = ((M_TRIM_THRESHOLD, 2**31 - 1), (M_MMAP_MAX, 0), (M_ARENA_MAX, 1))
+    is_set = [libc.mallopt(param, value) for param, value in settings]  # 1 = accepted
+    assert all(is_set), f"glibc refused a mallopt setting: {list(zip(settings, is_set))}"
+    return "allocator: freed memory kept for the next step (glibc mallopt)"
 
 
 # --- checkpoints ----------------------------------------------------------------------------
