@@ -10,6 +10,8 @@ Left out on purpose:
 Examples:
     python bench.py tokenizer --mirror ../shared/mirror
     python bench.py train --depth 6 --head-dim 64 --seq-len 512 --batch-size 8 --vocab-size 32768
+    python bench.py train --depth 4 --seq-len 256 --batch-size 32 --vocab-size 8192 --compile off
+    python bench.py matmul
     python bench.py decode
     python bench.py data --mirror ../shared/mirror
     python bench.py serve
@@ -125,46 +127,99 @@ def train_step(model, optimizers, x, y, device, precision):
     return loss
 
 
-def bench_train(args):
-    """Median time of a full training step (forward, backward, both optimizers) on random tokens."""
-    import statistics
-    import time
+def peak_memory_mib(device, reset=False) -> float:
+    """MiB at peak since the last call with reset=True: CUDA tensors, or this process's peak RSS."""
+    import torch
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.max_memory_allocated() / 2**20
+    if not os.path.exists("/proc/self/clear_refs"):  # not Linux: the whole process's peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if reset:  # Linux: "5" resets VmHWM, the peak RSS, to the RSS of now
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
+
+def bench_train(args):
+    """Median time and peak memory of a training step (forward, backward, both optimizers)."""
     import torch
 
-    from gpt import GPT, config_from_depth, pick_device, pick_precision
+    from gpt import (GPT, config_from_depth, keep_freed_memory, pick_compile, pick_device,
+                     pick_precision)
     from optim import make_optimizers
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     precision = args.precision or pick_precision(device)
+    # the entry point's choices: compile where it works, freed memory kept (see gpt.py)
+    use_compile, why = pick_compile(device, args.compile)
+    allocator = keep_freed_memory(device) if args.keep_freed_memory == "on" else "default"
     torch.manual_seed(0)
     config = config_from_depth(args.depth, args.vocab_size, args.seq_len, head_dim=args.head_dim)
     model = GPT(config).to(device)
     optimizers = make_optimizers(model)
+    forward = torch.compile(model, dynamic=False) if use_compile else model  # same parameters
     # random tokens: the speed of a step does not depend on what the tokens are
     ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), device=device)  # (B, T+1)
     x, y = ids[:, :-1], ids[:, 1:]  # (B, T) each
+    t_start = time.perf_counter()
+    for _ in range(args.warmup_steps):  # they compile, allocate buffers and warm caches
+        train_step(forward, optimizers, x, y, device, precision)
+    warmup_s = time.perf_counter() - t_start
+    peak_memory_mib(device, reset=True)
     # wall time is what a learner waits; CPU time of this process is the figure that other jobs on
-    # a shared machine disturb least (at one thread it excludes the time we were not scheduled)
+    # a shared machine disturb least (at one thread it excludes the time we were not scheduled);
+    # kernel (system) time and minor page faults show the allocator's churn
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     times, cpu_times = [], []
-    for step in range(args.warmup_steps + args.num_steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss = train_step(model, optimizers, x, y, device, precision)
+    for _ in range(args.num_steps):
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        loss = train_step(forward, optimizers, x, y, device, precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if step >= args.warmup_steps:  # the first steps allocate buffers and warm caches
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    end = resource.getrusage(resource.RUSAGE_SELF)
     dt = statistics.median(times)
     tok_per_sec = args.batch_size * args.seq_len / dt
     emit(bench="train", depth=args.depth, n_embd=config.n_embd, n_head=config.n_head, seq_len=args.seq_len,
          batch_size=args.batch_size, vocab_size=args.vocab_size, params=model.num_params(),
-         device=device.type, precision=precision, threads=torch.get_num_threads(), steps=len(times),
-         ms_per_step=round(dt * 1000, 1), cpu_ms_per_step=round(statistics.median(cpu_times) * 1000, 1),
-         tok_per_sec=round(tok_per_sec, 1),
+         device=device.type, precision=precision, compile=use_compile, compile_why=why,
+         allocator=allocator, threads=torch.get_num_threads(), steps=len(times),
+         warmup_s=round(warmup_s, 1), ms_per_step=round(dt * 1000, 1),
+         runs_ms=[round(t * 1000) for t in times],
+         cpu_ms_per_step=round(statistics.median(cpu_times) * 1000, 1),
+         sys_ms_per_step=round((end.ru_stime - usage.ru_stime) / len(times) * 1000, 1),
+         minor_faults_per_step=(end.ru_minflt - usage.ru_minflt) // len(times),
+         peak_mib=round(peak_memory_mib(device)), tok_per_sec=round(tok_per_sec, 1),
          gflops_per_sec=round(model.flops_per_token() * tok_per_sec / 1e9, 1), final_loss=round(loss.item(), 4))
+
+
+def bench_matmul(args):
+    """GFLOP/s of (n x n) @ (n x n) in fp32 and bf16, the peak a training step is held to."""
+    import torch
+
+    from gpt import pick_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(args.n, args.n, device=device, dtype=dtype)  # (n, n)
+        times = []
+        for _ in range(6):  # the first run picks kernels and is dropped; median of the other 5
+            t0 = time.perf_counter()
+            (a @ a)[0, 0].item()  # (n, n); .item() waits for a GPU to finish
+            times.append(time.perf_counter() - t0)
+        dt = statistics.median(times[1:])
+        emit(bench="matmul", n=args.n, dtype=str(dtype).removeprefix("torch."), device=device.type,
+             threads=torch.get_num_threads(), ms=round(dt * 1000, 1),
+             gflops_per_sec=round(2 * args.n**3 / dt / 1e9))
 
 
 # --- decode ---
@@ -177,14 +232,14 @@ def bench_decode(args):
     import torch
 
     from bpe import Tokenizer
-    from gpt import GPT, autocast, config_from_depth, pick_device, pick_precision
-    from sampler import generate
+    from gpt import GPT, autocast, config_from_depth, pick_device
+    from sampler import decode_precision, generate
 
     if args.prompt_len < 1 or args.prompt_len + args.new_tokens > args.seq_len:
         raise ValueError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} must fit in "
                          f"--seq-len {args.seq_len}; lower one of them")
     device = pick_device(args.device)
-    precision = args.precision or pick_precision(device)
+    precision = args.precision or decode_precision(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -434,7 +489,8 @@ def add_model_args(p):
     p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: gpt.pick_device)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: gpt.pick_precision")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                   help="default: gpt.pick_precision (train), sampler.decode_precision (decode)")
 
 
 def main():
@@ -468,8 +524,16 @@ def main():
     add_model_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="rows per step")
     p.add_argument("--num-steps", type=int, default=8, help="timed steps (the median is reported)")
-    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (they compile)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="gpt.pick_compile")
+    p.add_argument("--keep-freed-memory", choices=["on", "off"], default="on",
+                   help="gpt.keep_freed_memory")
     p.set_defaults(func=bench_train)
+    p = sub.add_parser("matmul", help="GFLOP/s of a 4096^3 matmul in fp32 and bf16 (the peak)")
+    p.add_argument("--n", type=int, default=4096, help="matrix size")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: gpt.pick_device)")
+    p.set_defaults(func=bench_matmul)
     p = sub.add_parser("serve", help="serve.py: API vs generate() speed, disconnect latency, 4 clients")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens per answer (fits both contexts)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds of each (medians are reported)")
