@@ -53,3 +53,19 @@ def test_optim_tiny_gpt_overfits_one_batch():
             opt.step()
         model.zero_grad(set_to_none=True)
     assert loss.item() < 0.1, f"loss {loss.item():.3f} after 40 steps: the model or the optimizers do not learn"
+
+
+def test_optim_muon_stacked_matches_one_at_a_time():
+    """Muon stepping three same-shape matrices together moves each as stepping it alone would."""
+    torch.manual_seed(0)
+    grads = [torch.randn(24, 16) * 10.0 ** (-2 * k) for k in range(3)]  # scales 1, 0.01, 1e-4
+    together = [torch.zeros(24, 16, requires_grad=True) for _ in grads]
+    for p, g in zip(together, grads):
+        p.grad = g.clone()
+    Muon(together, lr=0.1).step()
+    for p, g in zip(together, grads):
+        alone = torch.zeros(24, 16, requires_grad=True)
+        alone.grad = g.clone()
+        Muon([alone], lr=0.1).step()
+        err = (p - alone).abs().max().item()
+        assert err < 1e-3, f"stacked update differs by {err}: orthogonalize must treat each matrix alone"
