@@ -2,10 +2,10 @@
 Evaluation: bits per byte, greedy samples, the chat benchmarks with ChatCORE, and a measure of
 how a chat model talks.
 
-Used by train_all.py (during training and in its eval phase); imports gpt (precision), bpe (the
-chat template), data (the validation rows), tasks (the benchmarks as conversations), sampler (the
-one sampler, calculator included), sandbox (HumanEval's programs run there), report (intervals)
-and cli (progress lines). Returns plain numbers, lists and dicts, which eval.json can hold.
+Used by train.py (during training) and train_all.py (its eval phase); imports gpt (autocast),
+chat (the chat template), data (the validation rows), tasks (the benchmarks as conversations),
+sampler (the one sampler, calculator included), sandbox (HumanEval's programs run there), report
+(intervals) and cli (progress lines). Returns plain numbers, lists and dicts, which eval.json can hold.
 
 Design:
 - bits per byte, not loss per token, is the headline number: a loss per token depends on the
@@ -181,18 +181,6 @@ def sample(model, tok, is_chat: bool, max_tokens: int, precision: str = "fp32") 
                else [tok.bos_id] + tok.encode(prompt))
         out.append((prompt, text_of(tok, complete(model, tok, ids, greedy, precision))))
     return out
-
-
-def evaluate_model(model, tok, run_dir: str, is_chat: bool, device, precision: str,
-                   max_tokens: int = 0, sample_tokens: int = 48) -> dict:
-    """One model's val bpb on the pinned val shard (its first max_tokens tokens; 0 = all) and
-    greedy samples: {"val_bpb", "val_loss", "val_tokens", "samples"}."""
-    T = model.config.seq_len
-    rows = val_tensor(run_dir, T, max_tokens // T or None)  # (N, T+1)
-    token_bytes = torch.tensor(tok.token_byte_lengths())  # (V,)
-    bpb, loss = evaluate_bpb(model, rows, token_bytes, device, precision)
-    return {"val_bpb": bpb, "val_loss": loss, "val_tokens": rows.shape[0] * T,
-            "samples": sample(model, tok, is_chat, sample_tokens, precision)}
 
 
 # --- the chat benchmarks: answers and how they are checked ---

@@ -52,9 +52,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from chat import render_for_completion
 from cli import run_main
 from data import default_run_dir
-from gpt import pick_device, pick_precision
+from gpt import pick_device
 from sampler import (MAX_NEW_TOKENS, MAX_TEMPERATURE, MAX_TOP_K, PHASE_DIRS, SampleConfig,
-                     generate, load_model, stop_at, stream_text)
+                     decode_precision, generate, load_model, stop_at, stream_text)
 
 # Limits on a request; the message and character caps are nanochat's web server's.
 MAX_BODY_BYTES = 1_000_000  # 413 above; MAX_TOTAL_CHARS of text fit in it many times over
@@ -479,7 +479,7 @@ def main(argv=None):
         server = Server(args.host, args.port, log=lambda line: print(line, flush=True))
     except OSError as e:  # the port is taken, or the host is not an address of this machine
         raise OSError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from e
-    precision = pick_precision(device)  # the one precision choice; every generate() gets it
+    precision = decode_precision(device)  # the one precision choice; every generate() gets it
     if server.allowed_hosts is None:
         print(f"serve: WARNING: {args.host} is open to the network, with no API key and no TLS")
     print(f"serve: loading the model from {run_dir} ...", flush=True)

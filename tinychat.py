@@ -28,8 +28,9 @@ from dataclasses import asdict
 from chat import render_for_completion
 from cli import add_config_args, config_from_args, run_main
 from data import default_run_dir
-from gpt import pick_device, pick_precision
-from sampler import PHASE_DIRS, SampleConfig, generate, load_model, stream_text
+from gpt import pick_device
+from sampler import (PHASE_DIRS, SampleConfig, decode_precision, generate, load_model,
+                     stream_text)
 
 def prompt_ids(tok, messages: list, max_prompt: int) -> tuple:
     """(ids ending in <|assistant_start|>, messages kept): the oldest exchanges go while it is
@@ -109,7 +110,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = config_from_args(args, SampleConfig)
     device = pick_device()
-    precision = pick_precision(device)
+    precision = decode_precision(device)  # fp32 on a CPU: see sampler.decode_precision
     model, tok, phase = load_model(args.run_dir or default_run_dir(), args.phase, device)
     if args.prompt is None:
         chat(model, tok, cfg, phase, precision)

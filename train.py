@@ -79,9 +79,11 @@ class TrainConfig:
 
 @dataclass
 class Runtime:
-    """What main() decides once and passes down: device, precision, this process's rank, the run dir."""
+    """What main() decides once and passes down: device, precisions, compile, rank, the run dir."""
     device: torch.device
-    precision: str               # "bf16" | "fp32", from gpt.pick_precision
+    precision: str               # "bf16" | "fp32" of training and scoring, gpt.pick_precision
+    decode_precision: str        # the same for generating text, sampler.decode_precision
+    use_compile: bool            # train and score through torch.compile(model), gpt.pick_compile
     rank: int                    # this process under torchrun; 0 when alone
     world_size: int              # processes under torchrun; 1 when alone
     run_dir: str
@@ -192,6 +194,9 @@ def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches, 
                          f"processes = {rows_per_pass * T}")
     lrs = {k: getattr(cfg, k) * cfg.lr_frac for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
     optimizers = make_optimizers(model, **lrs)
+    # the compiled forward shares model's weights; sampling (the KV cache moves every token) and
+    # checkpoints (state_dict keys) use model itself
+    forward = torch.compile(model) if rt.use_compile else model
     loop = restore(out_dir, model, optimizers, rt)
     if cfg.num_steps:  # given: no plan to make
         loop.num_steps = cfg.num_steps
@@ -215,11 +220,11 @@ def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches, 
         is_eval_step = is_last or step % cfg.eval_every == 0
         if rt.rank == 0 and is_eval_step and not (step == start_step > 0):
             t0 = time.time()
-            bpb, val_loss = evaluate_bpb(model, val, token_bytes, rt.device, rt.precision,
+            bpb, val_loss = evaluate_bpb(forward, val, token_bytes, rt.device, rt.precision,
                                          cfg.device_batch_size)
             loop.val.append([step, val_loss, bpb])
             rt.log(f"eval | {phase} | step {step:04d} | val_bpb {bpb:.4f}")
-            for prompt, text in sample(model, tok, phase != "pretrain", 24, rt.precision):
+            for prompt, text in sample(model, tok, phase != "pretrain", 24, rt.decode_precision):
                 rt.log(f"sample | {prompt!r} -> {text!r}")
             eval_s = eval_s or time.time() - t0
         if is_last:
@@ -238,7 +243,7 @@ def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches, 
         for _ in range(grad_accum):
             x, y, loop.data[rt.rank] = next(batches)  # (B, T) each, on the CPU
             with autocast(rt.device, rt.precision):
-                loss = model(x.to(rt.device), y.to(rt.device))  # mean nats over the targets
+                loss = forward(x.to(rt.device), y.to(rt.device))  # mean nats over the targets
             # NOTE: divided by grad_accum, the summed gradients are the mean over the whole step;
             # without it the step grows with the number of micro-batches
             (loss / grad_accum).backward()

@@ -21,8 +21,11 @@ Design:
 - under torchrun every rank trains on its share of the data and scores its share of the eval
   examples; counts are summed over ranks, so results do not depend on the number of processes
 
+- device, precision and torch.compile are decided once, in make_runtime (compile: where a probe
+  shows it works, --compile to force either; gpt.pick_compile), and shown in the banner
+
 Left out on purpose:
-- torch.compile and wandb
+- wandb, and a sharded optimizer (under torchrun every rank holds all of it)
 
 References:
 - nanochat (base_train.py, mid_train.py, chat_sft.py): https://github.com/karpathy/nanochat
@@ -48,11 +51,14 @@ from core import (core_lines, core_summary, evaluate_core, load_core_tasks, toke
                   tokenizer_samples)
 from data import (build_token_cache, default_run_dir, download_all, eval_bundle_path,
                   midtrain_batches, pretrain_batches, sft_batches, tokenizer_texts)
-from evals import (CHAT_TASKS, chat_lines, chat_summary, evaluate_chat, evaluate_model,
-                   evaluate_quality, load_chat_tasks, merge_counts, quality_summary)
-from gpt import GPT, config_from_depth, load_checkpoint, pick_device, pick_precision
+from evals import (CHAT_TASKS, chat_lines, chat_summary, evaluate_bpb, evaluate_chat,
+                   evaluate_quality, load_chat_tasks, merge_counts, quality_summary, sample,
+                   val_tensor)
+from gpt import (GPT, config_from_depth, keep_freed_memory, load_checkpoint, pick_compile,
+                 pick_device, pick_precision)
 from report import (HONESTY, environment, read_json, record_phase, stale_message, write_atomic,
                     write_report)
+from sampler import decode_precision
 from tasks import load_task, midtrain_conversations, sft_conversations
 from train import Runtime, TrainConfig, train
 
@@ -84,6 +90,7 @@ class RunConfig:
     run_dir: str = ""            # run directory; "" = ~/.cache/tinychat
     mirror: str = ""             # read https://HOST/PATH from MIRROR/HOST/PATH; "" = the network
     device: str = ""             # cpu | cuda | mps; "" = cuda when available, else cpu
+    compile: str = "auto"        # torch.compile: auto (where it works here), on or off
     num_train_shards: int = 4    # pretraining shards to fetch (the mirror has 4, ~12 MB of text each)
     vocab_size: int = 8192       # 256 bytes + merges + 9 special tokens, counted as nanochat does
     tokenizer_chars: int = 40_000_000  # characters of training text the BPE trainer reads
@@ -135,7 +142,8 @@ SECTIONS = {
     "eval": ("eval", EvalConfig),
 }
 # Settings that change what a phase prints or where it runs, never what it produces.
-COSMETIC = {"run_dir", "mirror", "device", "eval_every", "eval_tokens", "log_every", "save_every_min"}
+COSMETIC = {"run_dir", "mirror", "device", "compile", "eval_every", "eval_tokens", "log_every",
+            "save_every_min"}
 SMOKE_CHAT = {  # midtrain and sft of --smoke: a few tiny steps
     "num_steps": 10,
     "device_batch_size": 8,
@@ -186,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_runtime(run: RunConfig) -> Runtime:
-    """Pick device and precision, join torchrun's process group if any, size the CPU threads."""
+def make_runtime(run: RunConfig) -> tuple:
+    """(Runtime, a note for the banner): device and precisions decided once, torchrun's process
+    group joined if any, the CPU threads sized, glibc told to keep freed memory. Compile is
+    decided in main, and only if a phase will use it (its probe takes a few seconds)."""
     # torchrun describes the process group in these variables; without torchrun we are one process
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -203,7 +213,10 @@ def make_runtime(run: RunConfig) -> Runtime:
         torch.set_num_threads(max(1, usable_cpus() // local_processes))
     run_dir = os.path.expanduser(run.run_dir or default_run_dir())
     os.makedirs(run_dir, exist_ok=True)
-    return Runtime(device, pick_precision(device), rank, world_size, run_dir)
+    allocator = keep_freed_memory(device)  # process-wide, before the phases allocate
+    rt = Runtime(device, pick_precision(device), decode_precision(device), False, rank,
+                 world_size, run_dir)
+    return rt, allocator
 
 
 # ----------------------------------------------------------------------------- phases
@@ -268,20 +281,26 @@ def run_eval_phase(cfgs: dict, rt: Runtime):
     results = {phase: {} for phase in TRAINING}
     results["tokenizer"] = tokenizer_eval(tok, tokenizer_samples(rt.run_dir))
     models = {phase: load_checkpoint(rt.path(OUTPUTS[phase]), rt.device)[0] for phase in TRAINING}
+    token_bytes = torch.tensor(tok.token_byte_lengths())  # (V,) for bits per byte
     smoltalk = load_task(rt.run_dir, "smoltalk-test")[:cfg.quality_conversations]
     # --- 1) what every model gets: val bpb and greedy samples (rank 0); chat quality (mid, sft) ---
     for phase, model in models.items():
         is_chat = phase != "pretrain"
         if rt.rank == 0:
+            T = model.config.seq_len
             max_tokens = cfg.chat_bpb_tokens if is_chat else cfg.bpb_tokens
-            r = evaluate_model(model, tok, rt.run_dir, is_chat, rt.device, rt.precision,
-                               max_tokens, cfg.sample_tokens)
-            results[phase].update(r)
-            rt.log(f"eval | {phase} | val_bpb {r['val_bpb']:.4f} | {r['val_tokens']:,} tokens")
-            for prompt, text in r["samples"]:
+            rows = val_tensor(rt.run_dir, T, max_tokens // T or None)  # (N, T+1)
+            forward = torch.compile(model) if rt.use_compile else model
+            bpb, loss = evaluate_bpb(forward, rows, token_bytes, rt.device, rt.precision)
+            samples = sample(model, tok, is_chat, cfg.sample_tokens, rt.decode_precision)
+            results[phase].update(val_bpb=bpb, val_loss=loss, val_tokens=rows.shape[0] * T,
+                                  samples=samples)
+            rt.log(f"eval | {phase} | val_bpb {bpb:.4f} | {rows.shape[0] * T:,} tokens")
+            for prompt, text in samples:
                 rt.log(f"sample | {prompt!r} -> {text!r}")
         if is_chat:
-            counts = evaluate_quality(model, tok, smoltalk, rt.precision, rt.rank, rt.world_size)
+            counts = evaluate_quality(model, tok, smoltalk, rt.decode_precision, rt.rank,
+                                      rt.world_size)
             q = results[phase]["quality"] = quality_summary(sum_over_ranks(counts, rt))
             rt.log(f"quality | {phase} | ended {q['ended_share']:.2f} | 4-gram repeats "
                    f"{q['repeat_share']:.2f} | templates {q['template_share']:.2f} | smoltalk "
@@ -302,7 +321,7 @@ def run_eval_phase(cfgs: dict, rt: Runtime):
     for i, phase in enumerate(TRAINING[1:]):
         def chat(cap):
             tasks = load_chat_tasks(rt.run_dir, {name: cap for name in CHAT_TASKS})
-            return evaluate_chat(models[phase], tok, tasks, rt.precision, 256, rt.rank,
+            return evaluate_chat(models[phase], tok, tasks, rt.decode_precision, 256, rt.rank,
                                  rt.world_size)
         cap = sized_cap(cfg.chat_max_per_task, chat, (t_end - time.time()) / (2 - i), rt)
         summary = chat_summary(sum_over_ranks(chat(cap), rt))
@@ -408,7 +427,7 @@ def main(argv=None):
     cfgs = {}
     for section, (prefix, cls) in SECTIONS.items():
         cfgs[section] = config_from_args(args, cls, prefix, PRESETS[preset].get(section))
-    rt = make_runtime(cfgs["run"])
+    rt, allocator = make_runtime(cfgs["run"])
     selected = [args.only] if args.only else PHASES[PHASES.index(args.start or "download"):]
     check_settings(cfgs, rt)
     minutes, mem_gb, disk_gb = estimate(cfgs, rt)
@@ -417,9 +436,13 @@ def main(argv=None):
     # eval and report are redone when --only asks for them; a finished phase is otherwise skipped
     todo = [p for p in selected if not is_done(p, rt) or (p == args.only and p in DERIVED)]
     chosen = "" if args.cpu or args.smoke else " (chosen for this machine)"
+    why = "compile: not needed"
+    if any(p in TRAINING or p == "eval" for p in todo):
+        rt.use_compile, why = pick_compile(rt.device, cfgs["run"].compile)
     rt.log(f"== tinychat ==  {HONESTY}")
     rt.log(f"preset {preset}{chosen} | device {rt.device} | {rt.precision} | "
            f"{rt.world_size} process(es) | run dir {rt.run_dir}")
+    rt.log(f"{why} | {allocator}")
     for phase in PHASES:
         status = "run" if phase in todo else "done, skip" if is_done(phase, rt) else "not selected"
         rt.log(f"  {phase:<10} {status:<13} ~{minutes[phase]:5.1f} min")

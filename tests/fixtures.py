@@ -222,10 +222,11 @@ def make_mirror(root):
     return root
 
 
-def tiny_argv(run_dir, mirror, steps=3):
+def tiny_argv(run_dir, mirror, steps=3, compile="off"):
     """Flags for the tiniest run: --smoke shrunk further (1-layer GPT, 64-token rows, a few
-    steps)."""
-    argv = ["--smoke", "--run-dir", run_dir, "--mirror", mirror, "--vocab-size", "300",
+    steps), eager unless compile is "auto" or "on" (compiling takes seconds even for this)."""
+    argv = ["--smoke", "--run-dir", run_dir, "--mirror", mirror, "--compile", compile,
+            "--vocab-size", "300",
             "--tokenizer-chars", "50000", "--pretrain-depth", "1", "--pretrain-head-dim", "16",
             "--pretrain-seq-len", "64", "--pretrain-eval-every", "100",
             "--eval-bpb-tokens", "1024", "--eval-sample-tokens", "4"]

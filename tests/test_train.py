@@ -35,7 +35,7 @@ def test_train_plan_steps_known_values():
     (540 - 10) / (1 + 10/100) = 481 more steps; the measured speed is recorded."""
     cfg = PretrainConfig(minutes=10, eval_every=100)
     loop = LoopState(step=8)
-    rt = Runtime(torch.device("cpu"), "fp32", 0, 1, "")
+    rt = Runtime(torch.device("cpu"), "fp32", "fp32", False, 0, 1, "")
     plan = plan_steps(cfg, loop, [1.0, 1.0, 2.0, 1.0, 0.5], 10.0, 60.0, rt)
     assert plan == 8 + 481, f"planned {plan} steps, expected 489: the budget arithmetic is off"
     assert loop.step_s == 1.0, f"recorded {loop.step_s} s/step, expected the median 1.0"
