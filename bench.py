@@ -147,8 +147,8 @@ def bench_train(args):
     """Median time and peak memory of a training step (forward, backward, both optimizers)."""
     import torch
 
-    from gpt import (GPT, config_from_depth, keep_freed_memory, pick_compile, pick_device,
-                     pick_precision)
+    from cli import keep_freed_memory, pick_compile, pick_device, pick_precision
+    from gpt import GPT, config_from_depth
     from optim import make_optimizers
 
     if args.threads:
@@ -204,7 +204,7 @@ def bench_matmul(args):
     """GFLOP/s of (n x n) @ (n x n) in fp32 and bf16, the peak a training step is held to."""
     import torch
 
-    from gpt import pick_device
+    from cli import pick_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,7 +232,8 @@ def bench_decode(args):
     import torch
 
     from bpe import Tokenizer
-    from gpt import GPT, autocast, config_from_depth, pick_device
+    from cli import pick_device
+    from gpt import GPT, autocast, config_from_depth
     from sampler import decode_precision, generate
 
     if args.prompt_len < 1 or args.prompt_len + args.new_tokens > args.seq_len:
@@ -299,7 +300,8 @@ def bench_data(args):
 
     from bpe import Tokenizer
     from data import build_token_cache, download_all, pretrain_batches, tokenizer_texts
-    from gpt import GPT, config_from_depth, pick_device, pick_precision
+    from cli import pick_device, pick_precision
+    from gpt import GPT, config_from_depth
     from optim import make_optimizers
 
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="tinychat-bench-")
@@ -415,7 +417,8 @@ def bench_serve(args):
 
     from bpe import Tokenizer
     from chat import render_for_completion
-    from gpt import config_from_depth, load_checkpoint, pick_device
+    from cli import pick_device
+    from gpt import config_from_depth, load_checkpoint
     from sampler import generate
 
     tok, text = Tokenizer([]), "Tell me a story about a cat."

@@ -1,6 +1,5 @@
 """
-The GPT: nanochat's Transformer, its loss, KV cache, checkpoints, and the device, precision
-and compile choice.
+The GPT: nanochat's Transformer, its loss, its KV cache, autocast, and checkpoints.
 
 Used by sampler.py (sampling), evals.py (scoring), train_all.py (training) and bench.py; imports
 only torch. Builds the model, runs it, saves it, loads it. The optimizers live in optim.py.
@@ -22,11 +21,11 @@ Design:
 - The KV cache is preallocated once for max_len tokens and tells the model where it is
   (`cache.pos`), so rotary positions of decoded tokens come from the cache, never from the caller.
 - Precision: weights are always fp32 ("master weights"); `autocast` runs the matmuls in bf16
-  where `pick_precision` says so: on GPUs and on CPUs with bf16 instructions, where it trains as
+  where cli.pick_precision says so: on GPUs and on CPUs with bf16 instructions, where it trains as
   well as fp32 and faster. The model code itself never names a dtype, so fp32 is one argument away.
 - The loss keeps one copy of the (B, T, V) logits for backward (SoftcapCrossEntropy), not six.
 - torch.compile fuses the many small ops (norms, rotary, softcap, loss) into a few kernels, where
-  `pick_compile` finds it works; the code is the same compiled or eager, so are the numbers.
+  cli.pick_compile finds it works; the code is the same compiled or eager, so are the numbers.
 - Checkpoints: model.pt (tensors only), meta.json (config, step, metrics), optim.pt, each written
   to name.tmp and os.replace'd, and read with torch.load(weights_only=True), which cannot run code.
 
@@ -47,12 +46,10 @@ References:
 - nanochat: https://github.com/karpathy/nanochat
 """
 import contextlib
-import ctypes
 import json
 import math
 import os
 import pickle
-import platform
 from dataclasses import asdict, dataclass
 
 import torch
@@ -358,39 +355,7 @@ class GPT(nn.Module):
         return nats.sum() / ((targets != -1).sum() if loss_reduction == "mean" else 1)
 
 
-# --- device and precision -------------------------------------------------------------------
-
-def pick_device(name: str | None = None) -> torch.device:
-    """The one device picker: `name` if given ("cpu", "cuda", "mps"), else cuda when present, else cpu."""
-    # mps (Apple GPUs) only when asked: nanochat found it slower than the CPU for some ops
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name not in available:
-        raise ValueError(f"unknown device {name!r}; use one of {sorted(available)}")
-    if not available[name]:
-        raise ValueError(f"device {name!r} is not available on this machine; use --device cpu")
-    return torch.device(name)
-
-
-def pick_precision(device: torch.device) -> str:
-    """The one precision policy: "bf16" (autocast matmuls, fp32 weights) or "fp32"."""
-    # bf16 keeps fp32's exponent range (so no loss scaling) with an 8-bit mantissa; matmuls
-    # accumulate in fp32. GPUs with bf16 units and CPUs with the AVX-512 BF16 or AMX instructions
-    # multiply bf16 2-3x faster than fp32: measured on a 2-core AVX-512 BF16 Xeon, one thread,
-    # a (4096 x 384) @ (384 x 32768) matmul ran 105 GFLOP/s in bf16 vs 36-75 in fp32, and a whole
-    # depth-6 training step 1.4x faster; loss curves of fp32 and bf16 runs stayed within
-    # seed noise (numbers in the README). CPUs without those instructions emulate bf16, which is
-    # slower than fp32, so they keep fp32. mps stays fp32 too: its bf16 support varies by OS.
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu" and os.path.exists("/proc/cpuinfo"):  # Linux; elsewhere fp32
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        if "avx512_bf16" in flags or "amx_bf16" in flags:
-            return "bf16"
-    return "fp32"
-
+# --- precision --------------------------------------------------------------------------------
 
 def autocast(device: torch.device, precision: str):
     """Context manager that runs the forward pass in `precision` ("bf16" or "fp32") on `device`."""
@@ -399,41 +364,6 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def pick_compile(device: torch.device, choice: str = "auto") -> tuple[bool, str]:
-    """The one compile policy: (use torch.compile?, why, for the banner); choice auto, on or off."""
-    # torch.compile writes C++ on a CPU (it needs a C++ compiler with OpenMP and Python's headers)
-    # and Triton on a GPU. "auto" checks that the only reliable way, by compiling a tiny function:
-    # a few seconds, mostly imports and CPU checks that the model's compile does anyway.
-    if choice not in ("auto", "on", "off"):
-        raise ValueError(f"compile must be auto, on or off, got {choice!r}")
-    if choice != "auto" or device.type == "mps":  # mps: inductor's coverage is still partial
-        return choice == "on", f"compile {choice}" if choice != "auto" else "eager on mps"
-    try:
-        torch.compile(lambda x: torch.tanh(x) + 1, dynamic=False)(torch.ones(8, device=device))
-    # RuntimeError: torch's BackendCompilerFailed (no compiler, no Triton) or an unsupported Python
-    except (RuntimeError, OSError) as e:
-        return False, f"eager: torch.compile fails here ({str(e).strip().splitlines()[0][:100]})"
-    return True, "compiled: torch.compile works here (--compile off for eager)"
-
-
-def keep_freed_memory(device: torch.device) -> str:
-    """Make glibc keep the memory a CPU training step frees for the next step; a banner line."""
-    # glibc's malloc gives a block above M_MMAP_THRESHOLD (128 KB, rising up to 32 MB) its own mmap,
-    # unmaps it when freed, and trims the heap's free top past M_TRIM_THRESHOLD. A step frees
-    # hundreds of MB and asks for them again, so the kernel maps and zeroes them anew, a page fault
-    # per 4 KB: at the --cpu preset 750,000 faults, 1.4 s of kernel time in a 4.3 s step. Every
-    # block in the heap (M_MMAP_MAX 0), no trim below 2 GB free and one heap for all threads
-    # (M_ARENA_MAX 1, less fragmentation) end it; the price: peak RSS 1.42 GB instead of 1.24.
-    if device.type != "cpu" or platform.libc_ver()[0] != "glibc":
-        return "allocator: default"
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # mallopt's codes, glibc's malloc.h
-    settings = ((M_TRIM_THRESHOLD, 2**31 - 1), (M_MMAP_MAX, 0), (M_ARENA_MAX, 1))
-    is_set = [libc.mallopt(param, value) for param, value in settings]  # 1 = accepted
-    assert all(is_set), f"glibc refused a mallopt setting: {list(zip(settings, is_set))}"
-    return "allocator: freed memory kept for the next step (glibc mallopt)"
 
 
 # --- checkpoints ----------------------------------------------------------------------------

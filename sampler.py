@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from bpe import Tokenizer
-from gpt import KVCache, autocast, load_checkpoint, pick_precision
+from cli import pick_precision
+from gpt import KVCache, autocast, load_checkpoint
 
 # Limits on what a user may ask for (SampleConfig checks them; a web server must use the same numbers).
 MAX_TEMPERATURE = 2.0   # above 2 the text is noise; nanochat's web UI allowed 0..2 too
@@ -112,7 +113,7 @@ def load_model(run_dir: str, phase: str | None, device) -> tuple:
 
 
 def decode_precision(device) -> str:
-    """The sampler's precision: "fp32" on a CPU, else gpt.pick_precision's; pass it to generate()."""
+    """The sampler's precision: "fp32" on a CPU, else cli.pick_precision's; pass it to generate()."""
     # At batch 1 each matmul is one vector times a weight matrix, so a token costs one read of
     # every weight, and bf16 autocast adds writing and reading a bf16 copy of each fp32 weight,
     # every token. Measured on an AVX-512 BF16 CPU, one thread, 128 tokens: 73 tok/s in fp32 vs 60

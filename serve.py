@@ -50,9 +50,8 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from chat import render_for_completion
-from cli import run_main
+from cli import pick_device, run_main
 from data import default_run_dir
-from gpt import pick_device
 from sampler import (MAX_NEW_TOKENS, MAX_TEMPERATURE, MAX_TOP_K, PHASE_DIRS, SampleConfig,
                      decode_precision, generate, load_model, stop_at, stream_text)
 

@@ -26,9 +26,8 @@ import argparse
 from dataclasses import asdict
 
 from chat import render_for_completion
-from cli import add_config_args, config_from_args, run_main
+from cli import add_config_args, config_from_args, pick_device, run_main
 from data import default_run_dir
-from gpt import pick_device
 from sampler import (PHASE_DIRS, SampleConfig, decode_precision, generate, load_model,
                      stream_text)
 

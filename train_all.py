@@ -22,7 +22,7 @@ Design:
   examples; counts are summed over ranks, so results do not depend on the number of processes
 
 - device, precision and torch.compile are decided once, in make_runtime (compile: where a probe
-  shows it works, --compile to force either; gpt.pick_compile), and shown in the banner
+  shows it works, --compile to force either; cli.pick_compile), and shown in the banner
 
 Left out on purpose:
 - wandb, and a sharded optimizer (under torchrun every rank holds all of it)
@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 
 from bpe import Tokenizer
-from cli import Progress, add_config_args, config_from_args, run_main, usable_cpus
+from cli import (Progress, add_config_args, config_from_args, keep_freed_memory, pick_compile,
+                 pick_device, pick_precision, run_main, usable_cpus)
 from core import (core_lines, core_summary, evaluate_core, load_core_tasks, tokenizer_eval,
                   tokenizer_samples)
 from data import (build_token_cache, default_run_dir, download_all, eval_bundle_path,
@@ -54,8 +55,7 @@ from data import (build_token_cache, default_run_dir, download_all, eval_bundle_
 from evals import (CHAT_TASKS, chat_lines, chat_summary, evaluate_bpb, evaluate_chat,
                    evaluate_quality, load_chat_tasks, merge_counts, quality_summary, sample,
                    val_tensor)
-from gpt import (GPT, config_from_depth, keep_freed_memory, load_checkpoint, pick_compile,
-                 pick_device, pick_precision)
+from gpt import GPT, config_from_depth, load_checkpoint
 from report import (HONESTY, environment, read_json, record_phase, stale_message, write_atomic,
                     write_report)
 from sampler import decode_precision

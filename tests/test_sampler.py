@@ -8,7 +8,8 @@ import tempfile
 import torch
 
 from bpe import SPECIAL_TOKENS, Tokenizer
-from gpt import GPTConfig, autocast, pick_precision, save_checkpoint
+from cli import pick_precision
+from gpt import GPTConfig, autocast, save_checkpoint
 from sampler import SampleConfig, generate, load_model, stop_at, stream_text, use_calculator
 from tests.fixtures import ScriptedModel, byte_gpt
 
