@@ -49,7 +49,7 @@ PLAN_STEPS = 5  # timed steps (after 3 warm-up ones) whose median speed plans a 
 class TrainConfig:
     """Knobs every training phase has; each phase below sets its own defaults."""
     num_steps: int = 0           # optimizer steps; 0 = as many as `minutes` allows on this machine
-    minutes: float = 0.0         # wall-clock budget of the phase, evals included (when num_steps is 0)
+    minutes: float = 0.0         # wall-clock budget of the phase, evals included (num_steps 0)
     device_batch_size: int = 32  # rows per forward pass; lower it if memory runs out
     total_batch_tokens: int = 8192  # tokens per optimizer step; the rest is gradient accumulation
     embedding_lr: float = 0.2    # AdamW lr of the token embedding (nanochat)
@@ -62,7 +62,7 @@ class TrainConfig:
     eval_every: int = 250        # steps between val bpb evaluations and samples (and at the end)
     eval_tokens: int = 65_536    # val tokens scored per evaluation during training
     log_every: int = 25          # steps between step lines
-    save_every_min: float = 2.0  # minutes between checkpoints (the most a kill loses); 0 = each step
+    save_every_min: float = 2.0  # minutes between checkpoints (what a kill may lose); 0 = each step
     seed: int = 1337             # seeds weight init and data order
 
     def __post_init__(self):
@@ -112,7 +112,7 @@ def lr_scale(step: int, cfg: TrainConfig) -> float:
 
 
 def muon_momentum(step: int) -> float:
-    """Muon's momentum: 0.85 -> 0.95 over the first 300 steps, then 0.95 (nanochat, Keller Jordan)."""
+    """Muon's momentum: 0.85 -> 0.95 over the first 300 steps, then 0.95 (nanochat, K. Jordan)."""
     return 0.85 + 0.10 * min(step / 300, 1.0)  # a lighter momentum while the weights move fast
 
 
@@ -132,7 +132,7 @@ class LoopState:
 
 
 def save_resume(out_dir: str, model, optimizers, loop: LoopState, rt: Runtime):
-    """Checkpoint weights, optimizer and loop state (every rank's data position) in out_dir/resume."""
+    """Checkpoint weights, optimizer and loop state (each rank's data) in out_dir/resume."""
     if rt.world_size > 1:
         states = [None] * rt.world_size
         dist.all_gather_object(states, loop.data[rt.rank])
@@ -150,7 +150,7 @@ def save_resume(out_dir: str, model, optimizers, loop: LoopState, rt: Runtime):
 
 
 def restore(out_dir: str, model, optimizers, rt: Runtime) -> LoopState:
-    """Load out_dir's resume checkpoint, if any, into model and optimizers; return its loop state."""
+    """Load out_dir's resume checkpoint, if any, into model and optimizers; return its LoopState."""
     for folder in (os.path.join(out_dir, "resume"), os.path.join(out_dir, "resume.tmp")):
         if os.path.exists(os.path.join(folder, "meta.json")):
             saved, meta = load_checkpoint(folder, rt.device)
@@ -180,19 +180,50 @@ def plan_steps(cfg: TrainConfig, loop: LoopState, step_times: list, eval_s: floa
     return int(plan[0].item())
 
 
-def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches, rt: Runtime) -> dict:
+def grad_accum_steps(phase: str, cfg: TrainConfig, T: int, rt: Runtime) -> int:
+    """Micro-batches per optimizer step: total_batch_tokens / (rows x T x processes), whole."""
+    tokens_per_pass = cfg.device_batch_size * T * rt.world_size
+    if cfg.total_batch_tokens < tokens_per_pass or cfg.total_batch_tokens % tokens_per_pass:
+        raise ValueError(f"--{phase}-total-batch-tokens {cfg.total_batch_tokens} must be a "
+                         f"multiple of device batch {cfg.device_batch_size} x seq_len {T} x "
+                         f"{rt.world_size} processes = {tokens_per_pass}")
+    return cfg.total_batch_tokens // tokens_per_pass
+
+
+def is_save_due(step: int, start_step: int, t_saved: float, cfg: TrainConfig, rt: Runtime) -> bool:
+    """save_every_min minutes since the last checkpoint, except right after a resume (that one is
+    on disk)."""
+    is_due = step > start_step and time.time() - t_saved >= cfg.save_every_min * 60
+    due = torch.tensor([float(is_due)], device=rt.device)
+    if rt.world_size > 1:  # NOTE: rank 0's clock decides for all, or they would wait forever
+        dist.broadcast(due, src=0)
+    return bool(due.item())
+
+
+def evaluate(phase: str, step: int, forward, model, tok, val, loop: LoopState, rt: Runtime,
+             batch_size: int) -> float:
+    """Val bpb of `forward` on the rows `val` (recorded in loop.val) and greedy samples of
+    `model`, both logged; returns the seconds it took."""
+    t0 = time.time()
+    token_bytes = torch.tensor(tok.token_byte_lengths())  # (V,)
+    bpb, val_loss = evaluate_bpb(forward, val, token_bytes, rt.device, rt.precision, batch_size)
+    loop.val.append([step, val_loss, bpb])
+    rt.log(f"eval | {phase} | step {step:04d} | val_bpb {bpb:.4f}")
+    for prompt, text in sample(model, tok, phase != "pretrain", 24, rt.decode_precision):
+        rt.log(f"sample | {prompt!r} -> {text!r}")
+    return time.time() - t0
+
+
+def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches,
+          rt: Runtime) -> dict:
     """Train `model` in place, resuming from the newest checkpoint in out_dir, and save it there as
     the phase's final model; return the results for the report. make_batches(state) gives this
     rank's iterator of (x, y, state), (B, T) int64 each. The number of steps is cfg.num_steps, or
     planned after the first PLAN_STEPS timed steps to fill cfg.minutes (see plan_steps)."""
     T = model.config.seq_len
-    rows_per_pass = cfg.device_batch_size * rt.world_size
-    grad_accum = cfg.total_batch_tokens // (rows_per_pass * T)
-    if grad_accum < 1 or cfg.total_batch_tokens % (rows_per_pass * T):
-        raise ValueError(f"--{phase}-total-batch-tokens {cfg.total_batch_tokens} must be a multiple "
-                         f"of device batch {cfg.device_batch_size} x seq_len {T} x {rt.world_size} "
-                         f"processes = {rows_per_pass * T}")
-    lrs = {k: getattr(cfg, k) * cfg.lr_frac for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
+    grad_accum = grad_accum_steps(phase, cfg, T, rt)
+    lrs = {k: getattr(cfg, k) * cfg.lr_frac
+           for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
     optimizers = make_optimizers(model, **lrs)
     # the compiled forward shares model's weights; sampling (the KV cache moves every token) and
     # checkpoints (state_dict keys) use model itself
@@ -201,8 +232,7 @@ def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches, 
     if cfg.num_steps:  # given: no plan to make
         loop.num_steps = cfg.num_steps
     batches = make_batches(loop.data[rt.rank])
-    val = val_tensor(rt.run_dir, T, max(1, cfg.eval_tokens // T))
-    token_bytes = torch.tensor(tok.token_byte_lengths())
+    val = val_tensor(rt.run_dir, T, max(1, cfg.eval_tokens // T))  # (N, T+1)
     budget = f"{cfg.num_steps:,} steps" if cfg.num_steps else f"a {cfg.minutes:g} min budget"
     rt.log(f"{model.num_params():,} parameters | {model.flops_per_token():.3g} FLOPs/token | "
            f"{cfg.total_batch_tokens:,} tokens/step = {cfg.device_batch_size} rows x {T} x "
@@ -219,22 +249,13 @@ def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches, 
         # --- evaluate and sample (rank 0 only; the other ranks wait in the next all-reduce) ---
         is_eval_step = is_last or step % cfg.eval_every == 0
         if rt.rank == 0 and is_eval_step and not (step == start_step > 0):
-            t0 = time.time()
-            bpb, val_loss = evaluate_bpb(forward, val, token_bytes, rt.device, rt.precision,
-                                         cfg.device_batch_size)
-            loop.val.append([step, val_loss, bpb])
-            rt.log(f"eval | {phase} | step {step:04d} | val_bpb {bpb:.4f}")
-            for prompt, text in sample(model, tok, phase != "pretrain", 24, rt.decode_precision):
-                rt.log(f"sample | {prompt!r} -> {text!r}")
-            eval_s = eval_s or time.time() - t0
+            seconds = evaluate(phase, step, forward, model, tok, val, loop, rt,
+                               cfg.device_batch_size)
+            eval_s = eval_s or seconds
         if is_last:
             return finish(phase, out_dir, model, cfg, loop, rt)
-        # --- checkpoint every few minutes (not right after a resume: that one is on disk) ---
-        is_due = step > start_step and time.time() - t_saved >= cfg.save_every_min * 60
-        due = torch.tensor([float(is_due)], device=rt.device)
-        if rt.world_size > 1:  # NOTE: rank 0's clock decides for all, or they would wait forever
-            dist.broadcast(due, src=0)
-        if due.item():
+        # --- checkpoint every few minutes ---
+        if is_save_due(step, start_step, t_saved, cfg, rt):
             save_resume(out_dir, model, optimizers, loop, rt)
             t_saved = time.time()
         # --- forward and backward over grad_accum micro-batches ---
@@ -276,7 +297,8 @@ def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches, 
 
 
 def optimizer_step(model, optimizers, lr_scale_: float, momentum: float, rt: Runtime):
-    """Average gradients over ranks, set lr (initial_lr * lr_scale_) and Muon's momentum, step, zero."""
+    """Average gradients over ranks, set lr (initial_lr * lr_scale_) and Muon's momentum, step,
+    zero the gradients."""
     if rt.world_size > 1:
         for p in model.parameters():  # every rank then takes the same step: replicas stay equal
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
