@@ -43,16 +43,18 @@ import time
 
 import torch
 
-PROGRESS_EVERY_S = 3.0  # seconds between progress lines: readable in a log file, alive in a terminal
-# the user errors run_main prints as one line (STYLE.md section 8); OSError covers FileNotFoundError,
-# PermissionError, ConnectionError (downloads) and a full disk
+# seconds between progress lines: readable in a log file, alive in a terminal
+PROGRESS_EVERY_S = 3.0
+# the user errors run_main prints as one line (STYLE.md section 8); OSError covers
+# FileNotFoundError, PermissionError, ConnectionError (downloads) and a full disk
 USER_ERRORS = (ValueError, OSError)
 
 
 # --- dataclass configs on the command line ---
 
 def add_config_args(parser, cls, prefix: str = "", short: dict | None = None):
-    """Add one typed --[prefix-]field flag per field of dataclass cls; its help is the field's comment.
+    """Add one typed --[prefix-]field flag per field of dataclass cls; its help is the field's
+    comment.
 
     short: extra one-letter flags by field name, e.g. {"temperature": "-t"}.
     """
@@ -63,7 +65,8 @@ def add_config_args(parser, cls, prefix: str = "", short: dict | None = None):
         helps.update(re.findall(r"^\s+(\w+): [\w |]+ = [^#\n]*#\s*(.*)$", source, re.M))
     group = parser.add_argument_group(f"{prefix or 'general'} ({cls.__name__})", cls.__doc__)
     for f in dataclasses.fields(cls):
-        # `int | None` -> int. NOTE: default None means "not given", so a preset can still fill it in
+        # `int | None` -> int. NOTE: default None means "not given", so a preset can still
+        # fill it in
         kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
         # "%" doubled: argparse %-formats help texts
         text = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")
@@ -122,7 +125,8 @@ class Progress:
 # --- the machine ---
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on: fewer than the machine's under taskset or a container limit."""
+    """The CPUs this process may run on: fewer than the machine's under taskset or a container
+    limit."""
     # NOTE: os.cpu_count() counts the machine's CPUs; a process pinned to one of them that starts
     # a thread or worker per counted CPU runs them all on that one, each slower than alone.
     # sched_getaffinity is Linux-only; elsewhere the machine's count is the best guess.
@@ -132,11 +136,14 @@ def usable_cpus() -> int:
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """The one device picker: `name` if given ("cpu", "cuda", "mps"), else cuda when present, else cpu."""
+    """The one device picker: `name` if given ("cpu", "cuda", "mps"), else cuda when present,
+    else cpu."""
     # mps (Apple GPUs) only when asked: nanochat found it slower than the CPU for some ops
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cpu": True,
+                 "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
     if name not in available:
         raise ValueError(f"unknown device {name!r}; use one of {sorted(available)}")
     if not available[name]:

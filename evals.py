@@ -5,7 +5,8 @@ how a chat model talks.
 Used by train.py (during training) and train_all.py (its eval phase); imports gpt (autocast),
 chat (the chat template), data (the validation rows), tasks (the benchmarks as conversations),
 sampler (the one sampler, calculator included), sandbox (HumanEval's programs run there), report
-(intervals) and cli (progress lines). Returns plain numbers, lists and dicts, which eval.json can hold.
+(intervals) and cli (progress lines). Returns plain numbers, lists and dicts, which eval.json can
+hold.
 
 Design:
 - bits per byte, not loss per token, is the headline number: a loss per token depends on the

@@ -74,21 +74,25 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("seq_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             assert getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}"
-        assert self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} not divisible by n_head {self.n_head}"
-        assert self.n_head % self.n_kv_head == 0, f"n_head {self.n_head} not a multiple of n_kv_head {self.n_kv_head}"
-        assert (self.n_embd // self.n_head) % 2 == 0, f"head dim {self.n_embd // self.n_head} must be even for RoPE"
+        assert self.n_embd % self.n_head == 0, (f"n_embd {self.n_embd} not divisible by n_head "
+                                                f"{self.n_head}")
+        assert self.n_head % self.n_kv_head == 0, (f"n_head {self.n_head} not a multiple of "
+                                                   f"n_kv_head {self.n_kv_head}")
+        assert (self.n_embd // self.n_head) % 2 == 0, (f"head dim {self.n_embd // self.n_head} "
+                                                       "must be even for RoPE")
 
 
 def config_from_depth(depth: int, vocab_size: int, seq_len: int, head_dim: int = 128,
                       aspect_ratio: int = 64) -> GPTConfig:
-    """Model shape from one knob, depth: C = depth * aspect_ratio rounded up to a multiple of head_dim."""
+    """Model shape from one knob, depth: C = depth * aspect_ratio rounded up to a multiple of
+    head_dim."""
     # nanochat OLD used C = 64 * depth and H = ceil(C / 128), which crashes for odd depths
     # (depth 5: C = 320 is not divisible by H = 3). nanochat HEAD rounds C up instead:
     #   depth 5, head_dim 128: ceil(320 / 128) = 3 heads -> C = 384
     #   depth 6, head_dim 64:  ceil(384 / 64) = 6 heads  -> C = 384 (nanochat's CPU shape)
     if depth < 1 or head_dim < 2 or head_dim % 2 or aspect_ratio < 1:
-        raise ValueError(f"need depth >= 1, an even head_dim >= 2 and aspect_ratio >= 1; got depth={depth}, "
-                         f"head_dim={head_dim}, aspect_ratio={aspect_ratio}")
+        raise ValueError(f"need depth >= 1, an even head_dim >= 2 and aspect_ratio >= 1; got "
+                         f"depth={depth}, head_dim={head_dim}, aspect_ratio={aspect_ratio}")
     n_head = math.ceil(depth * aspect_ratio / head_dim)
     return GPTConfig(seq_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                      n_kv_head=n_head, n_embd=n_head * head_dim)
@@ -104,7 +108,8 @@ def rotary_tables(seq_len: int, head_dim: int, device=None):
     """cos and sin tables for RoPE, each (1, T, 1, D/2), fp32."""
     # frequency i (of D/2) is theta^(-2i/D): fast pairs rotate near 1 rad per token, slow ones
     # near 1/theta per token, so every position up to ~theta gets a distinct rotation pattern
-    inv_freq = ROPE_THETA ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)  # (D/2,)
+    inv_freq = ROPE_THETA ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+                              / head_dim)  # (D/2,)
     t = torch.arange(seq_len, dtype=torch.float32, device=device)  # (T,)
     angles = torch.outer(t, inv_freq)  # (T, D/2): angle of position t in frequency pair i
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2) each
@@ -115,7 +120,9 @@ def apply_rotary(x, cos, sin):
     # half-split layout: channel i pairs with channel i + D/2 (not with i+1 as in the paper).
     # y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos is a rotation by -angle; a consistent sign for
     # q and k is all attention needs, because q.k then depends only on the distance between them.
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # NOTE: cast the small table, not x; else bf16 x becomes fp32
+    # NOTE: cast the small table, not x; else bf16 x becomes fp32
+    cos = cos.to(x.dtype)
+    sin = sin.to(x.dtype)
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]  # (B, T, H, D/2) each
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)  # (B, T, H, D)
@@ -186,12 +193,15 @@ def _loss_rows(logits):
 
 
 class KVCache:
-    """Keys and values of every layer for up to max_len tokens, preallocated; `pos` = tokens stored."""
+    """Keys and values of every layer for up to max_len tokens, preallocated; `pos` = tokens
+    stored."""
 
-    def __init__(self, batch_size: int, config: GPTConfig, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, batch_size: int, config: GPTConfig, max_len: int, device=None,
+                 dtype=torch.float32):
         # dtype: the dtype keys and values arrive in, i.e. torch.bfloat16 under bf16 autocast
         D = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, D)  # (L, B, Hkv, max_len, D)
+        # (L, B, Hkv, max_len, D)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, D)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, max_len, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, max_len, D)
         self.max_len = max_len
@@ -202,18 +212,21 @@ class KVCache:
         self.pos = 0
 
     def update(self, layer: int, k, v):
-        """Store k, v (B, Hkv, T, D) at positions pos..pos+T-1; return this layer's keys and values so far."""
+        """Store k, v (B, Hkv, T, D) at positions pos..pos+T-1; return this layer's keys and
+        values so far."""
         # NOTE: `pos` does not move here: every layer writes at the same positions, and
         # GPT.forward advances it once after the last layer.
         end = self.pos + k.size(2)
-        assert end <= self.max_len, f"KV cache full: {self.pos} + {k.size(2)} tokens > max_len {self.max_len}"
+        assert end <= self.max_len, (f"KV cache full: {self.pos} + {k.size(2)} tokens > max_len "
+                                     f"{self.max_len}")
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, Hkv, pos+T, D) views
 
 
 def attend(q, k, v, pos: int):
-    """SDPA of q (B, H, Tq, D) over k, v (B, Hkv, Tk, D), where q's first token sits at position pos."""
+    """SDPA of q (B, H, Tq, D) over k, v (B, Hkv, Tk, D), where q's first token sits at position
+    pos."""
     # The three cases (nanochat OLD gpt.py:80-104), with Tk = pos + Tq:
     # 1) no earlier tokens (training, or a prefill into an empty cache): plain causal mask.
     # 2) one new token (decoding): it may see every key, which are all in its past: no mask.
@@ -222,11 +235,14 @@ def attend(q, k, v, pos: int):
     Tq, Tk = q.size(2), k.size(2)
     is_gqa = q.size(1) != k.size(1)  # each group of H/Hkv query heads reads one key/value head
     if pos == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=is_gqa)  # (B, H, Tq, D)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              enable_gqa=is_gqa)  # (B, H, Tq, D)
     if Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=is_gqa)  # (B, H, 1, D)
-    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=pos)  # (Tq, Tk), True = may attend
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=is_gqa)  # (B, H, Tq, D)
+    # True = may attend
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=pos)  # (Tq, Tk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                          enable_gqa=is_gqa)  # (B, H, Tq, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -262,12 +278,14 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)  # 4x: GPT-2's width ratio
+        # 4x: GPT-2's width ratio
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
         """x (B, T, C) -> (B, T, C) through relu(x W1)^2 W2."""
-        h = F.relu(self.c_fc(x)).square()  # (B, T, 4C): ReLU^2 (Primer), cheap and a bit better than GELU
+        # ReLU^2 (Primer), cheap and a bit better than GELU
+        h = F.relu(self.c_fc(x)).square()  # (B, T, 4C)
         return self.c_proj(h)  # (B, T, C)
 
 
@@ -278,7 +296,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, kv_cache):
-        """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); (B, T, C) -> (B, T, C)."""
+        """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x));
+        (B, T, C) -> (B, T, C)."""
         x = x + self.attn(norm(x), cos, sin, kv_cache)  # (B, T, C)
         return x + self.mlp(norm(x))  # (B, T, C)
 
@@ -289,8 +308,10 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding, (V, C)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte, (V, C)
-        cos, sin = rotary_tables(ROPE_LENGTH_FACTOR * config.seq_len, config.n_embd // config.n_head)
+        # untied from wte
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # (V, C)
+        cos, sin = rotary_tables(ROPE_LENGTH_FACTOR * config.seq_len,
+                                 config.n_embd // config.n_head)
         # persistent=False: recomputed here, never stored in model.pt
         self.register_buffer("cos", cos, persistent=False)  # (1, 10*seq_len, 1, D/2)
         self.register_buffer("sin", sin, persistent=False)  # (1, 10*seq_len, 1, D/2)
@@ -307,7 +328,8 @@ class GPT(nn.Module):
                 fan_out, fan_in = module.weight.shape
                 std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)  # 1.0: norm() follows, so the scale is free
+        # 1.0: norm() follows, so the scale is free
+        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
         # zero output projections: every block starts as the identity and the model as uniform
         # logits (loss ln V); Muon and AdamW move them off zero in the first step
         nn.init.zeros_(self.lm_head.weight)
@@ -323,20 +345,23 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), the PaLM estimate nanochat prints."""
         # 6 per weight (2 forward multiply-adds, 4 backward) for every matrix the token passes
         # through; the embedding is a lookup, not a matmul, so wte is excluded. Attention scores
-        # add 12 * L * H * D * T: q.k and att.v are 2 * T * D multiply-adds per head, x3 for backward.
+        # add 12 * L * H * D * T: q.k and att.v are 2 * T * D multiply-adds per head, x3 for
+        # backward.
         cfg = self.config
         n = self.num_params() - self.wte.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.seq_len
 
     def forward(self, ids, targets=None, kv_cache=None, loss_reduction="mean"):
-        """ids (B, T) -> fp32 logits (B, T, V); with targets (B, T), the loss instead (-1 = ignored).
+        """ids (B, T) -> fp32 logits (B, T, V); with targets (B, T), the loss instead
+        (-1 = ignored).
 
         loss_reduction: "mean" over counted targets, "sum" (nats), or "none" -> (B, T) nats, 0 where
         ignored. With a kv_cache, ids continue the cached tokens and the cache advances by T.
         """
         B, T = ids.shape
         pos = 0 if kv_cache is None else kv_cache.pos
-        assert pos + T <= self.cos.size(1), f"positions {pos}+{T} exceed the rotary table ({self.cos.size(1)})"
+        assert pos + T <= self.cos.size(1), (f"positions {pos}+{T} exceed the rotary table "
+                                             f"({self.cos.size(1)})")
         cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]  # (1, T, 1, D/2)
         x = norm(self.wte(ids))  # (B, T, C)
         for block in self.h:
@@ -370,11 +395,13 @@ def autocast(device: torch.device, precision: str):
 
 def _atomic_save(obj, path: str):
     torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # NOTE: a crash mid-write leaves only the .tmp, never half a file
+    # NOTE: a crash mid-write leaves only the .tmp, never half a file
+    os.replace(path + ".tmp", path)
 
 
 def save_checkpoint(ckpt_dir: str, model: GPT, meta: dict, optim_state: dict | None = None):
-    """Write model.pt, optim.pt (if given) and meta.json (config added) into ckpt_dir, each atomically."""
+    """Write model.pt, optim.pt (if given) and meta.json (config added) into ckpt_dir, each
+    atomically."""
     # meta.json goes last: a directory holding a meta.json holds the model it describes
     os.makedirs(ckpt_dir, exist_ok=True)
     _atomic_save(model.state_dict(), os.path.join(ckpt_dir, "model.pt"))
@@ -404,13 +431,15 @@ def load_checkpoint(ckpt_dir: str, device) -> tuple[GPT, dict]:
     """Rebuild the model saved in ckpt_dir on `device`; returns (model in eval mode, meta dict)."""
     path = os.path.join(ckpt_dir, "meta.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {ckpt_dir} ({path} missing); run 'python train_all.py' first")
+        raise FileNotFoundError(f"no checkpoint at {ckpt_dir} ({path} missing); run "
+                                "'python train_all.py' first")
     try:
         with open(path) as f:
             meta = json.load(f)
         config = GPTConfig(**meta["config"])
     except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
-        raise ValueError(f"{path} is corrupt ({e}); delete {ckpt_dir} and rerun 'python train_all.py'") from e
+        raise ValueError(f"{path} is corrupt ({e}); delete {ckpt_dir} and rerun "
+                         "'python train_all.py'") from e
     if meta.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path} has checkpoint version {meta.get('version')}, this code reads "
                          f"{CHECKPOINT_VERSION}; delete {ckpt_dir} and rerun 'python train_all.py'")

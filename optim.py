@@ -85,7 +85,8 @@ def orthogonalize(G):
 class AdamW(torch.optim.Optimizer):
     """Adam with decoupled weight decay; defaults are nanochat's (betas 0.8, 0.95; eps 1e-10)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.8, 0.95), eps: float = 1e-10, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.8, 0.95), eps: float = 1e-10,
+                 weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
@@ -119,17 +120,20 @@ class AdamW(torch.optim.Optimizer):
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz, for 2-D weight matrices; nanochat OLD's defaults."""
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D weight matrices; nanochat OLD's
+    defaults."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95):
         super().__init__(params, dict(lr=lr, momentum=momentum))
         for group in self.param_groups:
             for p in group["params"]:
-                assert p.ndim == 2, f"Muon is for 2-D matrices, got a parameter of shape {tuple(p.shape)}"
+                assert p.ndim == 2, (f"Muon is for 2-D matrices, got a parameter of shape "
+                                     f"{tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self):
-        """One update of every matrix that has a gradient; same-shape ones orthogonalized together."""
+        """One update of every matrix that has a gradient; same-shape ones orthogonalized
+        together."""
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
             by_shape = {}  # (rows, cols) -> [(parameter, its update direction)]
@@ -157,9 +161,11 @@ class Muon(torch.optim.Optimizer):
                     p.add_(update, alpha=alpha)
 
 
-def make_optimizers(model, embedding_lr: float = 0.2, unembedding_lr: float = 0.004, matrix_lr: float = 0.02,
+def make_optimizers(model, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
+                    matrix_lr: float = 0.02,
                     weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
-    """[AdamW for wte and lm_head, Muon for every block matrix], with nanochat OLD's learning rates."""
+    """[AdamW for wte and lm_head, Muon for every block matrix], with nanochat OLD's learning
+    rates."""
     # nanochat tuned the AdamW rates at C = 768; wider models take smaller steps, scaled as
     # 1/sqrt(C): lr * (C/768)^-0.5, e.g. x1.73 at C = 256 and x0.77 at C = 1280 (d20).
     C = model.config.n_embd

@@ -1,5 +1,6 @@
 """
-The sampler: a trained GPT plus a prompt in, new tokens out one step at a time, with a calculator tool.
+The sampler: a trained GPT plus a prompt in, new tokens out one step at a time, with a
+calculator tool.
 
 Every piece of text tinychat writes goes through generate(): the terminal chat (tinychat.py), the
 web chat and API (serve.py), the chat evals (evals.py) and the samples printed during training
@@ -35,7 +36,8 @@ Left out on purpose:
 
 References:
 - nanochat's engine: https://github.com/karpathy/nanochat/blob/master/nanochat/engine.py
-- Holtzman et al., The Curious Case of Neural Text Degeneration (why truncate the tail): https://arxiv.org/abs/1904.09751
+- Holtzman et al., The Curious Case of Neural Text Degeneration (why truncate the tail):
+  https://arxiv.org/abs/1904.09751
 - Python's ast module: https://docs.python.org/3/library/ast.html
 """
 import ast
@@ -52,7 +54,8 @@ from bpe import Tokenizer
 from cli import pick_precision
 from gpt import KVCache, autocast, load_checkpoint
 
-# Limits on what a user may ask for (SampleConfig checks them; a web server must use the same numbers).
+# Limits on what a user may ask for (SampleConfig checks them; a web server must use the same
+# numbers).
 MAX_TEMPERATURE = 2.0   # above 2 the text is noise; nanochat's web UI allowed 0..2 too
 MAX_TOP_K = 200         # nanochat's web UI bound
 MAX_NEW_TOKENS = 4096   # nanochat's web UI bound; generate() also stops at the model's context
@@ -80,40 +83,50 @@ class SampleConfig:
 
     def __post_init__(self):
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(f"temperature {self.temperature} is out of range; use 0 (greedy) to {MAX_TEMPERATURE}")
+            raise ValueError(f"temperature {self.temperature} is out of range; use 0 (greedy) to "
+                             f"{MAX_TEMPERATURE}")
         if self.top_k is not None and not 0 <= self.top_k <= MAX_TOP_K:
-            raise ValueError(f"top_k {self.top_k} is out of range; use 1 to {MAX_TOP_K}, or 0 for no limit")
+            raise ValueError(f"top_k {self.top_k} is out of range; use 1 to {MAX_TOP_K}, "
+                             "or 0 for no limit")
         if not 0 <= self.top_p <= 1:
-            raise ValueError(f"top_p {self.top_p} is out of range; use 0 (likeliest token only) to 1 (off)")
+            raise ValueError(f"top_p {self.top_p} is out of range; "
+                             "use 0 (likeliest token only) to 1 (off)")
         if not 1 <= self.max_tokens <= MAX_NEW_TOKENS:
-            raise ValueError(f"max_tokens {self.max_tokens} is out of range; use 1 to {MAX_NEW_TOKENS}")
+            raise ValueError(f"max_tokens {self.max_tokens} is out of range; use 1 to "
+                             f"{MAX_NEW_TOKENS}")
 
 
 # --- loading the model to talk to ---
 
-PHASE_DIRS = {"sft": "sft", "mid": "mid", "base": "base"}  # phase -> its folder in the run dir, newest first
+# phase -> its folder in the run dir, newest first
+PHASE_DIRS = {"sft": "sft", "mid": "mid", "base": "base"}
 
 
 def load_model(run_dir: str, phase: str | None, device) -> tuple:
-    """(model, tokenizer, phase) from a run dir; phase None = the newest of sft, mid, base that exists.
+    """(model, tokenizer, phase) from a run dir; phase None = the newest of sft, mid, base
+    that exists.
 
     Raises FileNotFoundError naming the command that trains one when there is none.
     """
     # a folder counts once its meta.json exists: save_checkpoint writes it after the weights
-    done = [p for p in PHASE_DIRS if os.path.exists(os.path.join(run_dir, PHASE_DIRS[p], "meta.json"))]
+    done = [p for p in PHASE_DIRS
+            if os.path.exists(os.path.join(run_dir, PHASE_DIRS[p], "meta.json"))]
     tok_path = os.path.join(run_dir, "tokenizer.bin")
     chosen = phase or (done[0] if done else "sft")
     if chosen not in done or not os.path.exists(tok_path):
-        raise FileNotFoundError(f"no trained {chosen} model in {run_dir}. Train one first with\n"
-                                f"    python train_all.py --cpu           (every phase, about an hour)\n"
-                                f"    python train_all.py --smoke         (a tiny model in a few minutes)\n"
-                                f"adding --run-dir {run_dir} if that is not the default, or pass that run dir here.")
+        message = (f"no trained {chosen} model in {run_dir}. Train one first with\n"
+                   f"    python train_all.py --cpu           (every phase, about an hour)\n"
+                   f"    python train_all.py --smoke         (a tiny model in a few minutes)\n"
+                   f"adding --run-dir {run_dir} if that is not the default, "
+                   "or pass that run dir here.")
+        raise FileNotFoundError(message)
     model, _ = load_checkpoint(os.path.join(run_dir, PHASE_DIRS[chosen]), device)
     return model, Tokenizer.load(tok_path), chosen
 
 
 def decode_precision(device) -> str:
-    """The sampler's precision: "fp32" on a CPU, else cli.pick_precision's; pass it to generate()."""
+    """The sampler's precision: "fp32" on a CPU, else cli.pick_precision's;
+    pass it to generate()."""
     # At batch 1 each matmul is one vector times a weight matrix, so a token costs one read of
     # every weight, and bf16 autocast adds writing and reading a bf16 copy of each fp32 weight,
     # every token. Measured on an AVX-512 BF16 CPU, one thread, 128 tokens: 73 tok/s in fp32 vs 60
@@ -150,8 +163,9 @@ def _calc(node):
         return _bounded(CALC_BINOPS[type(node.op)](_calc(node.left), _calc(node.right)))
     # 'strawberry'.count('r'): the one call allowed, on a string literal with one string literal
     # argument (the spelling tasks of midtraining teach the model to write exactly this).
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
-            and _is_str(node.func.value) and len(node.args) == 1 and _is_str(node.args[0]) and not node.keywords):
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "count" and _is_str(node.func.value) and len(node.args) == 1
+            and _is_str(node.args[0]) and not node.keywords):
         return node.func.value.value.count(node.args[0].value)
     raise ValueError(f"not allowed in the calculator: {type(node).__name__}")
 
@@ -186,7 +200,8 @@ def use_calculator(expr: str) -> str | None:
 # --- sampling ---
 
 def _sample(logits, generator, temperature, top_k, top_p):
-    """(B, V) fp32 logits -> (B,) token ids: argmax at temperature 0, else a top-k, top-p softmax draw."""
+    """(B, V) fp32 logits -> (B,) token ids: argmax at temperature 0, else a top-k, top-p
+    softmax draw."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
     if top_k and top_k < logits.size(-1):  # None or 0 = no limit (0 as in nanochat HEAD)
@@ -202,15 +217,19 @@ def _sample(logits, generator, temperature, top_k, top_p):
         is_cut = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
         is_cut[:, 0] = False
         # multinomial renormalizes, so zeroing the tail is enough
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(is_cut, 0.0))  # (B, V)
+        probs = torch.zeros_like(probs).scatter_(-1, order,
+                                                 sorted_probs.masked_fill(is_cut, 0.0))  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
 @dataclass
 class _RowState:
-    forced: deque = field(default_factory=deque)  # tokens this row must emit next (a calculator answer)
-    expr: list | None = None                      # token ids since <|python_start|>; None outside a tool call
-    is_done: bool = False                         # emitted <|assistant_end|> or <|bos|>
+    # tokens this row must emit next (a calculator answer)
+    forced: deque = field(default_factory=deque)
+    # token ids since <|python_start|>; None outside a tool call
+    expr: list | None = None
+    # emitted <|assistant_end|> or <|bos|>
+    is_done: bool = False
 
 
 def _advance(row, token, tok, special):
@@ -222,7 +241,8 @@ def _advance(row, token, tok, special):
     elif token == special["<|python_end|>"] and row.expr is not None:
         result = use_calculator(tok.decode(row.expr))
         if result is not None:
-            row.forced.extend([special["<|output_start|>"], *tok.encode(result), special["<|output_end|>"]])
+            row.forced.extend([special["<|output_start|>"], *tok.encode(result),
+                               special["<|output_end|>"]])
         row.expr = None
     elif row.expr is not None:
         row.expr.append(token)
@@ -264,11 +284,12 @@ def generate(model, tok, ids, max_tokens, temperature=1.0, top_k=None, seed=42, 
     """
     # NOTE: inference_mode is applied as a decorator, not a `with` around the loop: torch's
     # decorator re-enters it on every resume of the generator and leaves it at every yield, so the
-    # caller's own code between two steps keeps autograd. Autocast gets the same care in last_logits.
+    # caller's own code between two steps keeps autograd. Autocast gets the same care in
+    # last_logits.
     seq_len = model.config.seq_len
     if not ids or max_tokens < 1:
-        raise ValueError(f"got a prompt of {len(ids)} tokens and max_tokens {max_tokens}: generate needs at least "
-                         f"one prompt token (e.g. <|bos|>) and max_tokens >= 1")
+        raise ValueError(f"got a prompt of {len(ids)} tokens and max_tokens {max_tokens}: generate "
+                         f"needs at least one prompt token (e.g. <|bos|>) and max_tokens >= 1")
     if len(ids) >= seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens but the model reads at most {seq_len} "
                          f"(prompt + answer); start a new conversation or shorten this one")
@@ -277,8 +298,9 @@ def generate(model, tok, ids, max_tokens, temperature=1.0, top_k=None, seed=42, 
     device = next(model.parameters()).device
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     generator = torch.Generator(device=device).manual_seed(seed)
-    special = {name: tok.special_id(name) for name in ("<|assistant_end|>", "<|bos|>", "<|python_start|>",
-                                                       "<|python_end|>", "<|output_start|>", "<|output_end|>")}
+    special = {name: tok.special_id(name)
+               for name in ("<|assistant_end|>", "<|bos|>", "<|python_start|>", "<|python_end|>",
+                            "<|output_start|>", "<|output_end|>")}
 
     def last_logits(x, cache):
         with autocast(device, precision):
@@ -290,7 +312,8 @@ def generate(model, tok, ids, max_tokens, temperature=1.0, top_k=None, seed=42, 
     logits = last_logits(torch.tensor([ids], dtype=torch.long, device=device), prefill)  # (1, V)
     # 2) every row starts from the same cache and the same logits, but draws its own first token
     cache = KVCache(num_samples, model.config, len(ids) + num_steps, device, dtype)
-    cache.k.copy_(prefill.k.expand_as(cache.k))  # row 0 broadcast to all rows, (L, B, Hkv, max_len, D)
+    # row 0 broadcast to all rows
+    cache.k.copy_(prefill.k.expand_as(cache.k))  # (L, B, Hkv, max_len, D)
     cache.v.copy_(prefill.v.expand_as(cache.v))  # (L, B, Hkv, max_len, D)
     cache.pos = prefill.pos
     del prefill

@@ -15,9 +15,11 @@ from gpt import (GPT, LOSS_CHUNK, GPTConfig, KVCache, SoftcapCrossEntropy, confi
 
 
 def tiny_gpt(seed=0, n_kv_head=2, **kw):
-    """A 2-layer GPT small enough for a test, with random (not zero) output layers so logits vary."""
+    """A 2-layer GPT small enough for a test, with random (not zero) output layers so logits
+    vary."""
     torch.manual_seed(seed)
-    cfg = GPTConfig(**{**dict(seq_len=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=32), **kw})
+    cfg = GPTConfig(**{**dict(seq_len=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=n_kv_head,
+                              n_embd=32), **kw})
     model = GPT(cfg)
     with torch.no_grad():  # zero-init lm_head/c_proj would make every logit 0 and hide cache bugs
         for p in model.parameters():
@@ -28,34 +30,43 @@ def tiny_gpt(seed=0, n_kv_head=2, **kw):
 def test_gpt_param_count():
     """nanochat's d4 shape at vocab 65,536 has exactly 36,700,160 parameters."""
     with torch.device("meta"):  # shapes only, no memory or init time
-        model = GPT(GPTConfig(seq_len=1024, vocab_size=65536, n_layer=4, n_head=2, n_kv_head=2, n_embd=256))
+        model = GPT(GPTConfig(seq_len=1024, vocab_size=65536, n_layer=4, n_head=2, n_kv_head=2,
+                              n_embd=256))
     n = model.num_params()
-    assert n == 36_700_160, f"got {n:,} params: a layer has a bias, a tied or extra weight, or a wrong width"
+    assert n == 36_700_160, (f"got {n:,} params: a layer has a bias, a tied or extra weight, "
+                             "or a wrong width")
 
 
 def test_gpt_config_from_depth_never_crashes():
-    """Every depth 1..32 with head_dim 32/64/128 gives a valid config with C a multiple of head_dim."""
+    """Every depth 1..32 with head_dim 32/64/128 gives a valid config with C a multiple of
+    head_dim."""
     for head_dim in (32, 64, 128):
         for depth in range(1, 33):
             cfg = config_from_depth(depth, vocab_size=100, seq_len=64, head_dim=head_dim)
-            assert cfg.n_embd % head_dim == 0 and cfg.n_embd >= 64 * depth, f"depth {depth}, hd {head_dim}: {cfg}"
+            assert cfg.n_embd % head_dim == 0 and cfg.n_embd >= 64 * depth, (
+                f"depth {depth}, hd {head_dim}: {cfg}")
     cfg = config_from_depth(6, vocab_size=32768, seq_len=512, head_dim=64)
-    assert (cfg.n_embd, cfg.n_head) == (384, 6), f"nanochat's CPU shape should be C=384, H=6, got {cfg}"
+    assert (cfg.n_embd, cfg.n_head) == (384, 6), (f"nanochat's CPU shape should be C=384, H=6, "
+                                                  f"got {cfg}")
 
 
 def test_gpt_kv_cache_matches_full_forward():
-    """Prefill, a chunk and one-token decodes through the KV cache give the logits of one full forward."""
+    """Prefill, a chunk and one-token decodes through the KV cache give the logits of one full
+    forward."""
     for n_kv_head in (4, 2):  # plain multi-head and grouped-query attention
         model = tiny_gpt(n_kv_head=n_kv_head)
         ids = torch.randint(0, 64, (2, 12))  # (B, T)
         with torch.no_grad():
             full = model(ids)  # (B, T, V)
             cache = KVCache(2, model.config, max_len=16)
-            parts = [model(ids[:, a:b], kv_cache=cache) for a, b in ((0, 5), (5, 9), (9, 10), (10, 11), (11, 12))]
+            parts = [model(ids[:, a:b], kv_cache=cache)
+                     for a, b in ((0, 5), (5, 9), (9, 10), (10, 11), (11, 12))]
         cached = torch.cat(parts, dim=1)  # (B, T, V)
         err = (cached - full).abs().max().item()
-        assert err < 1e-4, f"Hkv={n_kv_head}: cached logits differ by {err}: check the mask cases in attend() or cache.pos"
-        assert cache.pos == 12, f"cache.pos is {cache.pos} after 12 tokens: forward must advance it once per call"
+        assert err < 1e-4, (f"Hkv={n_kv_head}: cached logits differ by {err}: check the mask "
+                            "cases in attend() or cache.pos")
+        assert cache.pos == 12, (f"cache.pos is {cache.pos} after 12 tokens: forward must advance "
+                                 "it once per call")
 
 
 def test_gpt_loss_ignores_minus_one():
@@ -67,28 +78,35 @@ def test_gpt_loss_ignores_minus_one():
     with torch.no_grad():
         per_token = model(ids, y, loss_reduction="none")  # (B, T)
         mean, total = model(ids, y), model(ids, y, loss_reduction="sum")
-    assert per_token.shape == (2, 8) and per_token[0, :3].eq(0).all(), "ignored targets must give 0 nats"
-    assert abs(total.item() - per_token.sum().item()) < 1e-3, "sum reduction disagrees with the per-token losses"
-    assert abs(mean.item() - total.item() / 13) < 1e-5, "mean must divide by the 13 counted targets, not by 16"
+    assert per_token.shape == (2, 8) and per_token[0, :3].eq(0).all(), (
+        "ignored targets must give 0 nats")
+    assert abs(total.item() - per_token.sum().item()) < 1e-3, (
+        "sum reduction disagrees with the per-token losses")
+    assert abs(mean.item() - total.item() / 13) < 1e-5, (
+        "mean must divide by the 13 counted targets, not by 16")
 
 
 def test_gpt_checkpoint_round_trip():
-    """save_checkpoint then load_checkpoint gives identical logits, the meta back, and the optimizer state."""
+    """save_checkpoint then load_checkpoint gives identical logits, the meta back, and the
+    optimizer state."""
     model = tiny_gpt()
     ids = torch.randint(0, 64, (1, 10))  # (1, T)
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(d, model, {"step": 7, "val_bpb": 1.5}, optim_state={"lr": [0.1], "m": torch.ones(3)})
+        save_checkpoint(d, model, {"step": 7, "val_bpb": 1.5},
+                        optim_state={"lr": [0.1], "m": torch.ones(3)})
         loaded, meta = load_checkpoint(d, torch.device("cpu"))
         optim_state = load_optim_state(d)
         assert not [f for f in os.listdir(d) if f.endswith(".tmp")], "a .tmp file was left behind"
     with torch.no_grad():
-        assert torch.equal(model(ids), loaded(ids)), "loaded model gives different logits: state_dict incomplete?"
+        assert torch.equal(model(ids), loaded(ids)), ("loaded model gives different logits: "
+                                                      "state_dict incomplete?")
     assert meta["step"] == 7 and meta["config"]["n_embd"] == 32, f"meta not round-tripped: {meta}"
     assert torch.equal(optim_state["m"], torch.ones(3)), "optimizer state not round-tripped"
 
 
 def test_gpt_truncated_checkpoint_clear_error():
-    """A truncated model.pt or a missing checkpoint gets an error naming the file and what to run."""
+    """A truncated model.pt or a missing checkpoint gets an error naming the file and what to
+    run."""
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(d, tiny_gpt(), {"step": 0})
         path = os.path.join(d, "model.pt")

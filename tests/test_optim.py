@@ -9,7 +9,8 @@ from optim import AdamW, Muon, make_optimizers
 
 
 def test_optim_adamw_matches_torch():
-    """Our AdamW equals torch.optim.AdamW (decoupled weight decay, bias correction) within 1e-6 over 10 steps."""
+    """Our AdamW equals torch.optim.AdamW (decoupled weight decay, bias correction) within 1e-6
+    over 10 steps."""
     torch.manual_seed(0)
     w = [torch.randn(16, 8), torch.randn(8)]
     ours = [t.clone().requires_grad_() for t in w]
@@ -23,28 +24,34 @@ def test_optim_adamw_matches_torch():
         opt.step()
         ref_opt.step()
     err = max((a - b).abs().max().item() for a, b in zip(ours, ref))
-    assert err < 1e-6, f"AdamW drifts from torch by {err}: check bias correction, eps placement or weight decay"
+    assert err < 1e-6, (f"AdamW drifts from torch by {err}: check bias correction, eps placement "
+                        "or weight decay")
 
 
 def test_optim_muon_update_nearly_orthogonal():
-    """Muon's first update of a wide and a tall matrix has all singular values near 1 (times its lr scale)."""
+    """Muon's first update of a wide and a tall matrix has all singular values near 1 (times its
+    lr scale)."""
     torch.manual_seed(0)
     for rows, cols in ((32, 64), (64, 32)):
         p = torch.zeros(rows, cols, requires_grad=True)
-        p.grad = torch.randn(rows, cols) * torch.logspace(-1, 0, cols)  # columns scaled 0.1..1 on purpose
+        # columns scaled 0.1..1 on purpose
+        p.grad = torch.randn(rows, cols) * torch.logspace(-1, 0, cols)
         Muon([p], lr=0.1).step()
         scale = 0.1 * max(1.0, rows / cols) ** 0.5
         s = torch.linalg.svdvals(p.detach() / scale)  # (min(rows, cols),)
-        assert 0.7 < s.min() and s.max() < 1.3, \
-            f"{rows}x{cols}: singular values {s.min():.3f}..{s.max():.3f}, not ~1: Newton-Schulz or lr scale broken"
+        assert 0.7 < s.min() and s.max() < 1.3, (
+            f"{rows}x{cols}: singular values {s.min():.3f}..{s.max():.3f}, not ~1: "
+            "Newton-Schulz or lr scale broken")
 
 
 def test_optim_tiny_gpt_overfits_one_batch():
-    """make_optimizers drives a tiny GPT's loss on one batch from ln(64)=4.16 to below 0.1 within 40 steps."""
+    """make_optimizers drives a tiny GPT's loss on one batch from ln(64)=4.16 to below 0.1 within
+    40 steps."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(seq_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     opts = make_optimizers(model)
-    assert all("initial_lr" in g for o in opts for g in o.param_groups), "every group needs initial_lr for schedules"
+    assert all("initial_lr" in g for o in opts for g in o.param_groups), (
+        "every group needs initial_lr for schedules")
     ids = torch.randint(0, 64, (4, 17))  # (B, T+1)
     for step in range(40):
         loss = model(ids[:, :-1], ids[:, 1:])
@@ -52,7 +59,8 @@ def test_optim_tiny_gpt_overfits_one_batch():
         for opt in opts:
             opt.step()
         model.zero_grad(set_to_none=True)
-    assert loss.item() < 0.1, f"loss {loss.item():.3f} after 40 steps: the model or the optimizers do not learn"
+    assert loss.item() < 0.1, (f"loss {loss.item():.3f} after 40 steps: the model or the "
+                               "optimizers do not learn")
 
 
 def test_optim_muon_stacked_matches_one_at_a_time():
@@ -68,4 +76,5 @@ def test_optim_muon_stacked_matches_one_at_a_time():
         alone.grad = g.clone()
         Muon([alone], lr=0.1).step()
         err = (p - alone).abs().max().item()
-        assert err < 1e-3, f"stacked update differs by {err}: orthogonalize must treat each matrix alone"
+        assert err < 1e-3, (f"stacked update differs by {err}: orthogonalize must treat each "
+                            "matrix alone")
