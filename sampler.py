@@ -74,12 +74,12 @@ CALC_BINOPS = {
 
 @dataclass
 class SampleConfig:
-    """How generate() picks tokens; the defaults are nanochat's chat settings."""
-    temperature: float = 0.6    # softmax temperature; 0 = greedy (always the likeliest token); nanochat's chat default
-    top_k: int | None = 50      # sample among the k likeliest tokens only; 0 or None = all; nanochat's default
-    top_p: float = 1.0          # nucleus: the fewest likeliest tokens holding top_p of the mass; 1 = off
-    max_tokens: int = 256       # new tokens per answer at most, forced tool tokens included; nanochat chat_cli's 256
-    seed: int = 42              # seeds the sampling torch.Generator: same prompt + seed = same answer
+    """How generate() picks tokens; the defaults are nanochat's chat settings (chat_cli.py)."""
+    temperature: float = 0.6    # softmax temperature; 0 = greedy (always the likeliest token)
+    top_k: int | None = 50      # sample among the k likeliest tokens only; 0 or None = all
+    top_p: float = 1.0          # nucleus: the fewest likeliest tokens holding top_p of it; 1 = off
+    max_tokens: int = 256       # new tokens per answer at most, forced tool tokens included
+    seed: int = 42              # seeds the sampling generator: same prompt + seed = same answer
 
     def __post_init__(self):
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
