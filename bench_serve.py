@@ -1,0 +1,151 @@
+"""
+The serving benchmark behind `python bench.py serve`: serve.py run as a user runs it, measured
+from outside over HTTP, against calling sampler.generate() directly.
+
+Imported by bench.py's serve subcommand only (an entry point's part, like bench.py itself): it
+starts `python serve.py` in a subprocess with a fresh GPT saved in a temporary run dir, talks to
+it with http.client, and prints each figure through the emit() it is given.
+
+Design:
+- API and direct runs alternate round by round, so that a shared machine's noise hits both, and
+  the figures are medians with every round printed beside them
+- two shapes: the --cpu preset's (depth 4, vocab 8,192) and nanochat's CPU run's (depth 6, vocab
+  32,768); a fresh GPT's lm_head is zero, so greedy answers never stop early
+- a client that leaves after 3 chunks, then the time until the next one-token answer is back:
+  how fast the server notices and frees the model
+- 4 clients at once (a barrier lines them up): each gets a whole answer or a 503 with Retry-After
+
+Left out on purpose:
+- load from many machines or long soaks: one process on the same machine as the server
+"""
+import http.client
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from statistics import median
+
+from bpe import Tokenizer
+from chat import render_for_completion
+
+
+def _post_chat(port: int, text: str, **fields):
+    """POST one user message to serve.py's /v1/chat/completions; returns the response."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = {"messages": [{"role": "user", "content": text}], **fields}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json"})
+    return conn.getresponse()
+
+
+def _stream_times(port: int, text: str, max_tokens: int, stop_after=None):
+    """A streamed greedy answer: (send time, arrival time of each content chunk). stop_after:
+    leave (close the connection) after that many chunks."""
+    t0 = time.perf_counter()
+    times = []
+    with _post_chat(port, text, stream=True, temperature=0, max_tokens=max_tokens) as response:
+        # server-sent events: a "data: {json}" line per chunk, each followed by a blank line
+        for line in response:
+            chunk = json.loads(line[6:]) if line.startswith(b"data: {") else {}
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
+            if len(times) == stop_after:
+                break
+    return t0, times
+
+
+def _start_server(config, device):
+    """`python serve.py` in a subprocess, serving a fresh GPT of `config` (and the byte-level
+    tokenizer) from a temp run dir on `device`; returns (process, port, precision, run_dir)."""
+    import torch
+    from gpt import GPT, save_checkpoint
+    run_dir = tempfile.mkdtemp(prefix="tinychat-bench-serve-")
+    torch.manual_seed(0)
+    save_checkpoint(os.path.join(run_dir, "sft"), GPT(config), {})
+    Tokenizer([]).save(os.path.join(run_dir, "tokenizer.bin"))
+    command = [sys.executable, "serve.py", "--run-dir", run_dir, "--port", "0", "--device", device]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    lines = queue.Queue()
+    def read_log():  # on a thread, so that the server's pipe never fills up
+        for line in server.stdout:
+            lines.put(line)
+    threading.Thread(target=read_log, daemon=True).start()
+    # NOTE: this reads serve.py's startup line ("..., bf16, answers at http://..."): keep in step
+    found = None
+    while found is None:
+        found = re.search(r"(bf16|fp32), answers at http://127.0.0.1:(\d+)", lines.get(timeout=120))
+    return server, int(found.group(2)), found.group(1), run_dir
+
+
+def _four_clients(port: int, text: str) -> list:
+    """4 clients POST at once (a barrier lines them up); each must get a whole answer or a 503
+    with Retry-After. Returns their outcomes, sorted."""
+    barrier = threading.Barrier(4)
+    def client(_):
+        barrier.wait()
+        response = _post_chat(port, text, max_tokens=32)
+        is_whole = response.status == 200 and "usage" in json.loads(response.read())
+        retry_after = response.getheader("Retry-After")
+        return "answer" if is_whole else f"{response.status} retry {retry_after}"
+    with ThreadPoolExecutor(4) as pool:
+        return sorted(pool.map(client, range(4)))
+
+
+def bench_serve(args, emit):
+    """Through the HTTP API vs generate() directly (interleaved runs, medians): time to first token
+    and decode speed at two shapes; disconnect-to-next-answer latency; 4 clients at once."""
+    from cli import pick_device
+    from gpt import config_from_depth, load_checkpoint
+    from sampler import generate
+    tok = Tokenizer([])
+    text = "Tell me a story about a cat."
+    ids = render_for_completion(tok, {"messages": [{"role": "user", "content": text}]})
+    device = pick_device(args.device)
+    emit(bench="serve", what="machine", load_1_5_15_min=os.getloadavg(), cpus=os.cpu_count(),
+         device=device.type)
+    # the shapes of the --cpu preset and of nanochat's CPU run (d6)
+    for depth, seq_len, vocab_size in ((4, 256, 8192), (6, 512, 32768)):
+        config = config_from_depth(depth, vocab_size, seq_len, head_dim=64)
+        server, port, precision, run_dir = _start_server(config, device.type)
+        model, _ = load_checkpoint(os.path.join(run_dir, "sft"), device)
+        new_tokens = min(args.new_tokens, seq_len - len(ids))
+        runs = {"api": [], "direct": []}  # (start time, each token's arrival time) per round
+        # API and direct runs alternate, so that the machine's noise hits both; round 0 warms up
+        for _ in range(args.repeats + 1):
+            runs["api"].append(_stream_times(port, text, new_tokens))
+            t0 = time.perf_counter()
+            tokens = generate(model, tok, ids, new_tokens, temperature=0.0, precision=precision)
+            runs["direct"].append((t0, [time.perf_counter() for _ in tokens]))
+        # time to the first token, and tokens per second after it
+        ttfts = {k: [ts[0] - t0 for t0, ts in v] for k, v in runs.items()}
+        speeds = {k: [(len(ts) - 1) / (ts[-1] - ts[0]) for _, ts in v] for k, v in runs.items()}
+        ttft = {k: median(v[1:]) * 1000 for k, v in ttfts.items()}
+        speed = {k: median(v[1:]) for k, v in speeds.items()}
+        emit(bench="serve", depth=depth, seq_len=seq_len, vocab_size=vocab_size,
+             precision=precision, prompt_tokens=len(ids), new_tokens=new_tokens,
+             repeats=args.repeats,
+             ttft_ms_api=round(ttft["api"], 1), ttft_ms_direct=round(ttft["direct"], 1),
+             tok_per_sec_api=round(speed["api"], 1), tok_per_sec_direct=round(speed["direct"], 1),
+             api_over_direct=round(speed["api"] / speed["direct"], 3),
+             rounds_tok_per_sec={k: [round(x) for x in v] for k, v in speeds.items()})
+        # a client leaves after 3 chunks (setup): how long until the next one-token answer is back
+        waits = []
+        for _ in range(args.repeats):
+            _stream_times(port, text, seq_len, stop_after=3)
+            t0 = time.perf_counter()
+            _stream_times(port, text, 1)
+            waits.append(time.perf_counter() - t0)
+        emit(bench="serve", depth=depth, runs_ms=[round(w * 1000) for w in waits],
+             disconnect_to_next_ms=round(median(waits) * 1000, 1),
+             clients=_four_clients(port, text))
+        server.send_signal(signal.SIGINT)  # as Ctrl-C
+        server.wait(timeout=60)
+        shutil.rmtree(run_dir)
