@@ -171,12 +171,19 @@ def make_optimizers(model, embedding_lr: float = 0.2, unembedding_lr: float = 0.
     C = model.config.n_embd
     lr_scale = (C / 768) ** -0.5
     embedding = [model.wte.weight]
+    value_embeds = list(model.value_embeds.parameters())
     unembedding = [model.lm_head.weight]
-    matrices = [p for p in model.h.parameters()]
-    assert len(embedding) + len(unembedding) + len(matrices) == len(list(model.parameters())), \
+    matrices = [p for p in model.h.parameters()]  # the value embeddings' gates too
+    routed = embedding + value_embeds + unembedding + matrices
+    assert len(routed) == len(list(model.parameters())), \
         "a parameter is routed to no optimizer: make_optimizers does not know a new module"
+    # value embeddings: half the embedding's lr and a slow second moment (beta2 0.995), as
+    # nanochat HEAD; a table row moves only when its token occurs
     adamw = AdamW([dict(params=unembedding, lr=unembedding_lr * lr_scale),
-                   dict(params=embedding, lr=embedding_lr * lr_scale)], weight_decay=weight_decay)
+                   dict(params=embedding, lr=embedding_lr * lr_scale),
+                   dict(params=value_embeds, lr=embedding_lr * lr_scale * 0.5,
+                        betas=(0.8, 0.995))],
+                  weight_decay=weight_decay)
     muon = Muon([dict(params=matrices, lr=matrix_lr)])
     for opt in (adamw, muon):
         for group in opt.param_groups:

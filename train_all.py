@@ -103,6 +103,8 @@ class PretrainConfig(TrainConfig):
     head_dim: int = 64           # width per attention head; n_embd = 64 * depth rounded up to it
     seq_len: int = 256           # context length in tokens of pretraining
     minutes: float = 35.0        # wall-clock budget, evals included (when num_steps is 0)
+    warmdown_frac: float = 0.5   # lr falls linearly over the last half (nanochat HEAD; measured)
+    final_lr_frac: float = 0.05  # to 5% of the peak lr (nanochat HEAD; measured)
 
 
 @dataclass

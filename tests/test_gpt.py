@@ -28,13 +28,16 @@ def tiny_gpt(seed=0, n_kv_head=2, **kw):
 
 
 def test_gpt_param_count():
-    """nanochat's d4 shape at vocab 65,536 has exactly 36,700,160 parameters."""
+    """nanochat OLD's d4 shape at vocab 65,536 has exactly 36,700,160 parameters; value embeddings
+    add a (V, C) table and a (Hkv, 12) gate in layers 1 and 3: 70,254,640."""
+    shape = dict(seq_len=1024, vocab_size=65536, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
     with torch.device("meta"):  # shapes only, no memory or init time
-        model = GPT(GPTConfig(seq_len=1024, vocab_size=65536, n_layer=4, n_head=2, n_kv_head=2,
-                              n_embd=256))
-    n = model.num_params()
-    assert n == 36_700_160, (f"got {n:,} params: a layer has a bias, a tied or extra weight, "
-                             "or a wrong width")
+        old = GPT(GPTConfig(**shape, value_embeds=False)).num_params()
+        new = GPT(GPTConfig(**shape)).num_params()
+    assert old == 36_700_160, (f"got {old:,} params: a layer has a bias, a tied or extra weight, "
+                               "or a wrong width")
+    assert new == old + 2 * 65536 * 256 + 2 * 2 * 12, (f"got {new:,} params with value "
+                                                       "embeddings: a table or gate too many")
 
 
 def test_gpt_config_from_depth_never_crashes():
