@@ -16,11 +16,14 @@ from train_all import MidtrainConfig, PretrainConfig, SFTConfig
 
 
 def test_train_lr_schedule_known_values():
-    """nanochat's schedules: base flat then linear to 0 over the last 20%, SFT linear to 0, warmup
-    linear from 0."""
-    base = PretrainConfig(num_steps=100)
-    assert [lr_scale(s, base) for s in (0, 50, 80, 90, 100)] == [1.0, 1.0, 1.0, 0.5, 0.0], \
+    """nanochat's schedules: OLD's base flat then linear to 0 over the last 20%, the --cpu preset's
+    over the last half to 5%, SFT linear to 0, warmup linear from 0."""
+    old = PretrainConfig(num_steps=100, warmdown_frac=0.2, final_lr_frac=0.0)
+    assert [lr_scale(s, old) for s in (0, 50, 80, 90, 100)] == [1.0, 1.0, 1.0, 0.5, 0.0], \
         "base schedule wrong"
+    base = PretrainConfig(num_steps=100)
+    assert [lr_scale(s, base) for s in (0, 50, 75, 100)] == [1.0, 1.0, 0.525, 0.05], \
+        "the --cpu preset's warmdown (last half, to 5%) is wrong"
     sft = SFTConfig(num_steps=10)
     assert [lr_scale(s, sft) for s in (0, 5, 9)] == [1.0, 0.5, 0.1], "SFT schedule wrong"
     warm = MidtrainConfig(num_steps=10, warmup_frac=0.2, warmdown_frac=0.2, final_lr_frac=0.5)
