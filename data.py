@@ -441,12 +441,19 @@ def midtrain_batches(tok, conversations: list, batch_size: int, seq_len: int, st
                {"epoch": epoch, "cursor": cursor, "pending": list(buffer)})
 
 
+# torch.compile specializes on the row length and recompiles for each new one (about 15-25 s on a
+# CPU), then gives up at its limit of 8 and runs eagerly: rows rounded up to a multiple of 128
+# make at most seq_len / 128 shapes, 4 at the --cpu preset's 512
+SFT_ROW_MULTIPLE = 128
+
+
 def sft_batches(tok, conversations: list, batch_size: int, seq_len: int, state=None):
     """Yield (x, y, state) forever: one conversation per row, y = -1 wherever the mask is 0.
 
     Each conversation is rendered with max_tokens = seq_len + 1, so a long one is cut to fit the row
     (nanochat HEAD renders to 2048 and its packer stalls on NaN at short rows). Rows are padded to
-    the longest in the micro-batch: x with <|assistant_end|> (nanochat), y with -1.
+    the longest in the micro-batch, rounded up to a multiple of SFT_ROW_MULTIPLE tokens (at most
+    seq_len): x with <|assistant_end|> (nanochat), y with -1.
     NOTE: a conversation left with no trained target after the cut is skipped, so every micro-batch
     has at least B trained targets. Callers still compute the loss as sum / max(1, targets != -1):
     a 0/0 mean is NaN and one NaN gradient ruins the whole model.
@@ -470,7 +477,8 @@ def sft_batches(tok, conversations: list, batch_size: int, seq_len: int, state=N
             if skipped >= len(conversations):
                 raise ValueError(f"no conversation has an assistant token within {seq_len + 1} "
                                  "tokens; raise seq_len or check the conversations")
-        T = max(len(ids) for ids, _ in rows) - 1
+        longest = max(len(ids) for ids, _ in rows) - 1
+        T = min(seq_len, -(-longest // SFT_ROW_MULTIPLE) * SFT_ROW_MULTIPLE)
         x = torch.full((batch_size, T), pad, dtype=torch.int64)  # (B, T)
         y = torch.full((batch_size, T), -1, dtype=torch.int64)  # (B, T)
         # (us/ue: user start/end, as/ae: assistant)

@@ -247,6 +247,17 @@ def _data_conversation(user, assistant):
                          {"role": "assistant", "content": assistant}]}
 
 
+def test_data_sft_row_lengths_come_in_few_shapes():
+    """SFT rows are padded to a multiple of data.SFT_ROW_MULTIPLE (at most seq_len): each new row
+    length is a torch.compile recompile, and past 8 of them it runs eagerly."""
+    tok = _data_tokenizer()
+    convs = [_data_conversation("hi " * n, "ok " * n) for n in range(1, 60, 3)]
+    batches = data.sft_batches(tok, convs, 2, 200)
+    lengths = {next(batches)[0].shape[1] for _ in range(len(convs))}
+    assert lengths <= {128, 200}, f"SFT row lengths not rounded up (or over seq_len): {lengths}"
+    assert lengths == {128, 200}, f"expected short rows at 128 and long ones cut at 200: {lengths}"
+
+
 def test_data_sft_masks_truncation_and_no_nan():
     """SFT rows train only assistant tokens, fit seq_len, skip conversations with nothing to train,
     and never make NaN."""
