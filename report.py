@@ -72,7 +72,7 @@ HONESTY = ("It will speak, often wrongly: it is a model for learning how a chat 
 def cpu_info() -> dict:
     """{"cpu_model", "cpu_bf16"} from /proc/cpuinfo (Linux); "-" where it cannot be read."""
     # bf16 instructions: AVX-512 BF16 (Intel Cooper Lake+, AMD Zen 4+) or AMX (Intel Sapphire
-    # Rapids+); gpt.pick_precision trains in bf16 only where one of them is present
+    # Rapids+); cli.pick_precision trains in bf16 only where one of them is present
     if not os.path.exists("/proc/cpuinfo"):
         return {"cpu_model": platform.processor() or "-", "cpu_bf16": "-"}
     with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:

@@ -2,7 +2,7 @@
 The web chat page and an OpenAI-compatible API, on the standard library's http.server.
 
 Layer 5 entry point: loads a model with sampler.load_model, renders chats with
-bpe.render_for_completion, writes answers with sampler.generate, stream_text and stop_at, and
+chat.render_for_completion, writes answers with sampler.generate, stream_text and stop_at, and
 serves ui.html from memory. Routes: GET / (the page), GET /health, GET /v1/models,
 POST /v1/chat/completions and POST /v1/completions, in the shapes the `openai` client reads.
 

@@ -3,7 +3,7 @@ The task datasets of midtraining, SFT and the chat evals, each as a list of conv
 
 Used by train_all.py (midtrain_conversations, sft_conversations) and evals.py (ARC, MMLU, GSM8K,
 HumanEval, SpellingBee); imports data.py, whose download phase fetched the parquet files.
-A conversation is the dict that bpe.render_conversation takes,
+A conversation is the dict that chat.render_conversation takes,
 {"messages": [{"role", "content"}, ...]}, plus the keys an eval needs.
 
 Design:
@@ -226,35 +226,84 @@ def identity_conversations() -> list:
     return conversations
 
 
+# --- short chats: what a small model can learn to finish ---
+
+# the end of a sentence: . ! or ? after a letter, a closing bracket or quote, then a space or
+# newline; not "3.5" nor the "1." of a numbered list
+SENTENCE_END = re.compile(r"(?<=[a-z)\"'])[.!?](?=\s)")
+
+
+def first_exchange(conversation: dict, max_chars: int):
+    """The first question and its answer, at most max_chars together, or None.
+
+    An answer too long is cut after its last sentence that fits, so it still ends in a full stop
+    (and, once rendered, in <|assistant_end|>): a model shown whole answers learns to stop. None
+    when the question alone takes over half of max_chars, or no sentence ends in the first
+    quarter of the room left (a cut there would keep almost nothing), or either message holds a
+    ``` code block (prose only: code is what a 7M model cannot learn, and a cut one never ends).
+    """
+    question = conversation["messages"][0]["content"]
+    answer = conversation["messages"][1]["content"]
+    if len(question) > max_chars // 2 or "```" in question + answer:
+        return None
+    room = max_chars - len(question)
+    if len(answer) > room:
+        ends = [m.end() for m in SENTENCE_END.finditer(answer, 0, room)]
+        if not ends or ends[-1] < room // 4:
+            return None
+        answer = answer[:ends[-1]]
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer.strip()}]}
+
+
+def short_chats(conversations: list, max_chars: int) -> list:
+    """first_exchange of each conversation, the ones that give None left out."""
+    exchanges = (first_exchange(c, max_chars) for c in conversations)
+    return [c for c in exchanges if c is not None]
+
+
 # --- the mixtures of midtraining and SFT ---
 
-def midtrain_conversations(run_dir: str, split: str = "train") -> list:
-    """nanochat's midtraining mixture (mid_train.py OLD), shuffled; split "train" or "val".
+CHAT_CHARS = 1000  # question + answer of a short chat, at most: about 250 tokens, half a row
 
-    The spelling tasks shrink by the factor the mirror's SmolTalk shrinks (460K -> 9,333 rows,
-    ~50x): SimpleSpelling 200,000 -> 4,000 and SpellingBee 80,000 -> 1,600. Identity is listed
-    twice (2 epochs).
+def midtrain_conversations(run_dir: str, split: str = "train") -> list:
+    """The midtraining mixture, shuffled; split "train" or "val".
+
+    nanochat's tasks (mid_train.py OLD) at weights measured for a 7M model in 5 minutes (README,
+    the chat sweep): SmolTalk as short prose chats (short_chats, 1,000 characters) twice, where
+    nanochat has whole conversations once; all of MMLU's auxiliary train set; GSM8K's first
+    2,000 problems; identity twice; SimpleSpelling 1,000 and SpellingBee 500 (nanochat: 200,000
+    and 80,000 beside 460K SmolTalk rows). Spelling is short, fixed and easy to memorize: at
+    nanochat's weights its template answered everyday questions.
     """
     if split == "val":  # SmolTalk test, MMLU test[:5200], GSM8K test[:420], as nanochat
         return task_mixture([load_task(run_dir, "smoltalk-test"),
                              load_task(run_dir, "mmlu-test")[:5200],
                              load_task(run_dir, "gsm8k-test")[:420]])
     words = spelling_words(run_dir)
-    return task_mixture([load_task(run_dir, "smoltalk-train"), load_task(run_dir, "mmlu-aux"),
-                         load_task(run_dir, "gsm8k-train"), identity_conversations(),
-                         identity_conversations(), simple_spelling(words, 4000),
-                         spelling_bee(words, 1600)])
+    chats = short_chats(load_task(run_dir, "smoltalk-train"), CHAT_CHARS)
+    identity = identity_conversations()
+    return task_mixture([chats, chats, load_task(run_dir, "mmlu-aux"),
+                         load_task(run_dir, "gsm8k-train")[:2000], identity, identity,
+                         simple_spelling(words, 1000), spelling_bee(words, 500)])
 
 
 def sft_conversations(run_dir: str, split: str = "train") -> list:
-    """nanochat's SFT mixture (chat_sft.py OLD, ~22K rows), shuffled; split "train" or "val"
-    (SmolTalk test)."""
+    """The SFT mixture, shuffled; split "train" or "val" (SmolTalk test).
+
+    nanochat's tasks (chat_sft.py OLD) at measured weights: ARC-Easy 800 and ARC-Challenge 400
+    (nanochat: all, 3.4K), GSM8K 600 (7.5K), every short prose chat (5.3K of the mirror's 9.3K
+    SmolTalk rows; nanochat 10K rows), identity four times, SimpleSpelling and SpellingBee 150
+    each (300). SFT rows are whole conversations,
+    so what it sees most is what the model learns to say: here, plain short answers.
+    """
     if split == "val":
         return load_task(run_dir, "smoltalk-test")
     words = spelling_words(run_dir)
-    return task_mixture([load_task(run_dir, "arc-easy-train"),
-                         load_task(run_dir, "arc-challenge-train"),
-                         load_task(run_dir, "gsm8k-train"),
-                         load_task(run_dir, "smoltalk-train")[:10_000],
-                         identity_conversations(), simple_spelling(words, 300),
-                         spelling_bee(words, 300)])
+    chats = short_chats(load_task(run_dir, "smoltalk-train"), CHAT_CHARS)
+    identity = identity_conversations()
+    return task_mixture([load_task(run_dir, "arc-easy-train")[:800],
+                         load_task(run_dir, "arc-challenge-train")[:400],
+                         load_task(run_dir, "gsm8k-train")[:600],
+                         chats, identity, identity, identity, identity,
+                         simple_spelling(words, 150), spelling_bee(words, 150)])

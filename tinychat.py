@@ -7,7 +7,7 @@ answers through sampler.generate, the same sampler the web server and the evals 
 Design:
 - a prompt on the command line gets one answer and the program exits; without one it opens an
   interactive chat that keeps the conversation (/clear starts over, /quit or Ctrl-D leaves)
-- each turn re-renders the whole conversation with bpe.render_for_completion, so the model sees
+- each turn re-renders the whole conversation with chat.render_for_completion, so the model sees
   exactly the chat format it was trained on; the oldest turns are dropped when the context is full
 - text is printed as it is generated, but only at whole UTF-8 characters (sampler.stream_text);
   special tokens have no text, so they never reach the screen

@@ -81,9 +81,9 @@ class TrainConfig:
 class Runtime:
     """What main() decides once and passes down: device, precisions, compile, rank, the run dir."""
     device: torch.device
-    precision: str               # "bf16" | "fp32" of training and scoring, gpt.pick_precision
+    precision: str               # "bf16" | "fp32" of training and scoring, cli.pick_precision
     decode_precision: str        # the same for generating text, sampler.decode_precision
-    use_compile: bool            # train and score through torch.compile(model), gpt.pick_compile
+    use_compile: bool            # train and score through torch.compile(model), cli.pick_compile
     rank: int                    # this process under torchrun; 0 when alone
     world_size: int              # processes under torchrun; 1 when alone
     run_dir: str

@@ -110,14 +110,16 @@ class PretrainConfig(TrainConfig):
 @dataclass
 class MidtrainConfig(TrainConfig):
     """Midtraining: conversations, tool use and multiple choice, every token trained."""
-    seq_len: int = 0             # tokens per row; 0 = the pretrained model's context
+    seq_len: int = 512           # tokens per row (RoPE covers 10x pretraining's); 0 = pretraining's
+    device_batch_size: int = 16  # 16 rows x 512: the same 8,192 tokens a forward pass as pretraining
     minutes: float = 5.0         # wall-clock budget, evals included (when num_steps is 0)
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning: one conversation per row, only assistant tokens trained."""
-    seq_len: int = 0             # tokens per row at most; 0 = the previous model's context
+    seq_len: int = 512           # tokens per row at most, so answers fit; 0 = the previous model's
+    device_batch_size: int = 16  # rows per forward pass, 8,192 tokens at most
     minutes: float = 4.0         # wall-clock budget, evals included (when num_steps is 0)
     lr_frac: float = 0.02        # nanochat SFT starts at 2% of the base lrs
     warmdown_frac: float = 1.0   # lr falls linearly to 0 over the whole phase, as in nanochat
@@ -148,6 +150,7 @@ COSMETIC = {"run_dir", "mirror", "device", "compile", "eval_every", "eval_tokens
             "save_every_min"}
 SMOKE_CHAT = {  # midtrain and sft of --smoke: a few tiny steps
     "num_steps": 10,
+    "seq_len": 256,
     "device_batch_size": 8,
     "total_batch_tokens": 2048,
     "eval_tokens": 8192,
@@ -172,8 +175,10 @@ PRESETS = {
         "pretrain": {"depth": 20, "head_dim": 128, "seq_len": 2048, "num_steps": 21_400,
                      "device_batch_size": 32, "total_batch_tokens": 524_288,
                      "eval_tokens": 10_485_760},
-        "midtrain": {"num_steps": 809, "device_batch_size": 32, "total_batch_tokens": 524_288},
-        "sft": {"num_steps": 701, "device_batch_size": 4, "total_batch_tokens": 65_536},
+        "midtrain": {"num_steps": 809, "seq_len": 0, "device_batch_size": 32,
+                     "total_batch_tokens": 524_288},
+        "sft": {"num_steps": 701, "seq_len": 0, "device_batch_size": 4,
+                "total_batch_tokens": 65_536},
     },
 }
 

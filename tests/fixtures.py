@@ -233,6 +233,8 @@ def tiny_argv(run_dir, mirror, steps=3, compile="off"):
     for phase in ("pretrain", "midtrain", "sft"):
         argv += [f"--{phase}-num-steps", str(steps), f"--{phase}-device-batch-size", "2",
                  f"--{phase}-total-batch-tokens", "256", f"--{phase}-eval-tokens", "256"]
+    # midtraining and SFT at twice pretraining's context, as the presets do
+    argv += ["--midtrain-seq-len", "128", "--sft-seq-len", "128"]
     return argv
 
 

@@ -59,3 +59,23 @@ def test_tasks_mirror_integration():
         assert len(he) == 164 and "check" in he[0]["test"], "HumanEval rows not converted"
         assert len(arc) == 1172 and all(c["answer"] in c["letters"] for c in arc), \
             "ARC answers not among the letters"
+
+
+def test_tasks_first_exchange_ends_at_a_sentence():
+    """A long answer is cut after its last whole sentence that fits (not after "3.5" or "1."),
+    a short one is kept, a question over half the room or a code block drops the chat, later turns
+    go."""
+    answer = "It is 3.5 km away. Walk north.\n1. Then turn left! Finally you see it."
+    chat = {"messages": [{"role": "user", "content": "Where?"},
+                         {"role": "assistant", "content": answer},
+                         {"role": "user", "content": "Thanks"},
+                         {"role": "assistant", "content": "You are welcome."}]}
+    whole = tasks.first_exchange(chat, 1000)["messages"]
+    assert [m["content"] for m in whole] == ["Where?", answer], f"a fitting answer changed: {whole}"
+    cut = tasks.first_exchange(chat, 6 + 45)["messages"][1]["content"]
+    assert cut == "It is 3.5 km away. Walk north.", f"cut in the wrong place: {cut!r}"
+    assert tasks.first_exchange(chat, 10) is None, "a question over half the room was kept"
+    assert tasks.short_chats([chat, chat], 10) == [], "short_chats kept a chat that gave None"
+    code = {"messages": [{"role": "user", "content": "Code?"},
+                         {"role": "assistant", "content": "Here:\n```\nprint(1)\n```"}]}
+    assert tasks.first_exchange(code, 1000) is None, "a chat with a code block was kept"

@@ -34,11 +34,23 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+def _assert_markup_shown_as_text(browser):
+    """The model's answer carrying XSS shows as text: no <img> element made, no onerror run."""
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+    assert XSS in browser.find_element(By.ID, "chat").text, "the model's markup is not text"
+    assert not browser.find_elements(By.CSS_SELECTOR, "#chat img"), "text became an <img>"
+    try:
+        browser.switch_to.alert
+        raise AssertionError("the model's onerror ran")
+    except NoAlertPresentException:
+        pass
+
+
 def test_ui_chat_page_in_a_browser():
     """Send (Enter; Shift+Enter is a newline), streamed text, Stop stops the server, Regenerate,
     Edit; model HTML shows as text; busy, too long and lost connection each get a message."""
     browser = _browser()
-    from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -84,13 +96,7 @@ def test_ui_chat_page_in_a_browser():
             regenerate = browser.find_element(By.ID, "regenerate")
             regenerate.click()
             wait.until(lambda b: shown() == answer and regenerate.is_displayed())
-            assert XSS in browser.find_element(By.ID, "chat").text, "the model's markup is not text"
-            assert not browser.find_elements(By.CSS_SELECTOR, "#chat img"), "text became an <img>"
-            try:
-                browser.switch_to.alert
-                raise AssertionError("the model's onerror ran")
-            except NoAlertPresentException:
-                pass
+            _assert_markup_shown_as_text(browser)
             # Edit an earlier message: it is replaced and what came after it is dropped
             browser.find_element(By.CSS_SELECTOR, ".msg.user .edit").click()
             assert box.get_attribute("value") == lines, "Edit did not load the message"
