@@ -2,7 +2,7 @@
 Everything the training phases read: verified downloads, the token cache, and the batch streams.
 
 Used by train_all.py (download and tokenize phases, then every training phase), tasks.py (the task
-parquet rows it turns into conversations) and evals.py (validation rows); imports bpe.py only for
+parquet rows it turns into conversations) and evals.py (validation rows); imports chat.py only for
 render_conversation and cli.py for its progress lines. Returns paths, numpy arrays and int64 torch
 tensors (B, T) of token ids.
 

@@ -1,10 +1,10 @@
 """
 Every phase of tinychat in one command: download, tokenizer, pretraining, midtraining, SFT, eval, report.
 
-The learner's entry point (layer 4): imports cli, bpe, gpt, data, tasks, evals, report and train
-(the one training loop), writes everything into the run directory (default ~/.cache/tinychat)
-and, rerun after a crash or a kill, continues where it stopped. main() reads top to bottom:
-flags -> configs -> runtime -> banner -> each phase in order.
+The learner's entry point (layer 4): imports cli, bpe, gpt, data, tasks, core, evals, report
+and train (the one training loop), writes everything into the run directory (default
+~/.cache/tinychat) and, rerun after a crash or a kill, continues where it stopped. main() reads
+top to bottom: flags -> configs -> runtime -> banner -> each phase in order.
 
 Design:
 - one dataclass per phase; cli.add_config_args turns every field into a --flag whose help is the
