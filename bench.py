@@ -3,7 +3,8 @@ Benchmarks of tinychat's hot paths, one JSON line per figure.
 
 An entry point (layer 5): each subcommand builds what it measures from the project's own code
 (bpe, data, gpt, optim, sampler) and prints its figures; `serve` runs bench_serve.py, which
-measures serve.py from outside, over HTTP. Nothing imports bench.py. Speed and memory targets live here, never in timed tests.
+measures serve.py from outside, over HTTP. Nothing imports bench.py. Speed and memory targets
+live here, never in timed tests.
 
 Design:
 - the machine is shared and noisy: a figure is the median of several runs, printed beside the

@@ -1,5 +1,6 @@
 """
-Every phase of tinychat in one command: download, tokenizer, pretraining, midtraining, SFT, eval, report.
+Every phase of tinychat in one command: download, tokenizer, pretraining, midtraining, SFT, eval,
+report.
 
 The learner's entry point (layer 4): imports cli, bpe, gpt, data, tasks, core, evals, report
 and train (the one training loop), writes everything into the run directory (default
@@ -91,7 +92,7 @@ class RunConfig:
     mirror: str = ""             # read https://HOST/PATH from MIRROR/HOST/PATH; "" = the network
     device: str = ""             # cpu | cuda | mps; "" = cuda when available, else cpu
     compile: str = "auto"        # torch.compile: auto (where it works here), on or off
-    num_train_shards: int = 4    # pretraining shards to fetch (the mirror has 4, ~12 MB of text each)
+    num_train_shards: int = 4    # pretraining shards to fetch (the mirror has 4, ~12 MB text each)
     vocab_size: int = 8192       # 256 bytes + merges + 9 special tokens, counted as nanochat does
     tokenizer_chars: int = 40_000_000  # characters of training text the BPE trainer reads
 
@@ -111,7 +112,7 @@ class PretrainConfig(TrainConfig):
 class MidtrainConfig(TrainConfig):
     """Midtraining: conversations, tool use and multiple choice, every token trained."""
     seq_len: int = 512           # tokens per row (RoPE covers 10x pretraining's); 0 = pretraining's
-    device_batch_size: int = 16  # 16 rows x 512: the same 8,192 tokens a forward pass as pretraining
+    device_batch_size: int = 16  # 16 rows x 512: 8,192 tokens a forward pass, as pretraining
     minutes: float = 5.0         # wall-clock budget, evals included (when num_steps is 0)
 
 
@@ -127,7 +128,8 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class EvalConfig:
-    """Evaluation: bpb and samples of every model, CORE (base), chat evals and quality (mid, sft)."""
+    """Evaluation: bpb and samples of every model, CORE (base), chat evals and quality (mid,
+    sft)."""
     minutes: float = 8.0         # wall-clock budget; caps left at -1 are sized to fit in it
     bpb_tokens: int = 0          # val tokens scored for the base model; 0 = the whole val shard
     chat_bpb_tokens: int = 262_144  # the same for mid and sft (their bpb shows what text they kept)
@@ -195,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     preset.add_argument("--smoke", action="store_true",
                         help="every phase on a tiny model in a few minutes")
     parser.add_argument("--only", choices=PHASES, help="run just this phase")
-    parser.add_argument("--from", dest="start", choices=PHASES, help="run this phase and every later one")
+    parser.add_argument("--from", dest="start", choices=PHASES,
+                        help="run this phase and every later one")
     for prefix, cls in SECTIONS.values():
         add_config_args(parser, cls, prefix)
     return parser
@@ -372,7 +375,8 @@ def run_phase(phase: str, cfgs: dict, rt: Runtime) -> dict | None:
 def phase_settings(phase: str, cfgs: dict) -> dict:
     """The settings a phase's output depends on: its own section's and every earlier phase's."""
     sections = ["run"] + [s for s in SECTIONS if s in PHASES[:PHASES.index(phase) + 1]]
-    return {f"{s}.{k}": v for s in sections for k, v in asdict(cfgs[s]).items() if k not in COSMETIC}
+    return {f"{s}.{k}": v
+            for s in sections for k, v in asdict(cfgs[s]).items() if k not in COSMETIC}
 
 
 def is_done(phase: str, rt: Runtime) -> bool:
@@ -413,7 +417,8 @@ def estimate(cfgs: dict, rt: Runtime) -> tuple:
     # memory: weights, grads and optimizer state (16 bytes/param) + one micro-batch's activations
     # (about 40 bytes per layer and channel, 16 per logit: bf16 and fp32 copies and their
     # gradients) + 1 GB of Python
-    act = p.device_batch_size * p.seq_len * (p.depth * model.config.n_embd * 40 + run.vocab_size * 16)
+    per_token = p.depth * model.config.n_embd * 40 + run.vocab_size * 16
+    act = p.device_batch_size * p.seq_len * per_token
     # disk: parquet, the token cache, checkpoints
     disk = chars * 0.4 + chars / CHARS_PER_TOKEN * 2 + model.num_params() * 4 * 6
     return minutes, (16 * model.num_params() + act) / 2**30 + 1.0, disk / 2**30
@@ -461,7 +466,8 @@ def main(argv=None):
     for phase in selected:
         rt.log(f"\n== {phase} ==")
         if phase not in todo:
-            rt.log(f"{phase} is done ({rt.path(OUTPUTS[phase])} exists; delete it to redo it), skipping")
+            rt.log(f"{phase} is done ({rt.path(OUTPUTS[phase])} exists; delete it to redo it), "
+                   "skipping")
             continue
         rt.log(json.dumps(asdict(cfgs[phase if phase in SECTIONS else "run"])))  # its settings
         t0 = time.time()
