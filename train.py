@@ -214,6 +214,17 @@ def evaluate(phase: str, step: int, forward, model, tok, val, loop: LoopState, r
     return time.time() - t0
 
 
+def compiled(model, use_compile: bool):
+    """model's forward through torch.compile, sharing its weights, or model itself when eager."""
+    if not use_compile:
+        return model
+    # dynamo keeps the compiled versions of GPT.forward of every phase so far (other shapes, other
+    # rotary tables), and past its limit of 8 it runs eagerly (seen in a --cpu SFT): each phase
+    # starts afresh
+    torch.compiler.reset()
+    return torch.compile(model)
+
+
 def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches,
           rt: Runtime) -> dict:
     """Train `model` in place, resuming from the newest checkpoint in out_dir, and save it there as
@@ -227,7 +238,7 @@ def train(phase: str, out_dir: str, model, tok, cfg: TrainConfig, make_batches,
     optimizers = make_optimizers(model, **lrs)
     # the compiled forward shares model's weights; sampling (the KV cache moves every token) and
     # checkpoints (state_dict keys) use model itself
-    forward = torch.compile(model) if rt.use_compile else model
+    forward = compiled(model, rt.use_compile)
     loop = restore(out_dir, model, optimizers, rt)
     if cfg.num_steps:  # given: no plan to make
         loop.num_steps = cfg.num_steps

@@ -61,7 +61,7 @@ from report import (HONESTY, environment, read_json, record_phase, stale_message
                     write_report)
 from sampler import decode_precision
 from tasks import load_task, midtrain_conversations, sft_conversations
-from train import Runtime, TrainConfig, train
+from train import Runtime, TrainConfig, compiled, train
 
 PHASES = ["download", "tokenizer", "tokenize", "pretrain", "midtrain", "sft", "eval", "report"]
 TRAINING = ["pretrain", "midtrain", "sft"]  # the phases that run the training loop, in order
@@ -128,8 +128,7 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class EvalConfig:
-    """Evaluation: bpb and samples of every model, CORE (base), chat evals and quality (mid,
-    sft)."""
+    """Evaluation: bpb and samples of every model, CORE (base), chat evals, quality (mid, sft)."""
     minutes: float = 8.0         # wall-clock budget; caps left at -1 are sized to fit in it
     bpb_tokens: int = 0          # val tokens scored for the base model; 0 = the whole val shard
     chat_bpb_tokens: int = 262_144  # the same for mid and sft (their bpb shows what text they kept)
@@ -171,13 +170,14 @@ PRESETS = {
         "eval": {"bpb_tokens": 32_768, "chat_bpb_tokens": 32_768, "sample_tokens": 16,
                  "core_max_per_task": 2, "chat_max_per_task": 2, "quality_conversations": 8},
     },
-    # nanochat's d20 speedrun on one 8-GPU node (reference §6.1): 20 tokens per parameter
+    # nanochat's d20 speedrun on one 8-GPU node (reference §6.1): 20 tokens per parameter.
+    # Device batch 16, not nanochat's 32: measured on one H100, 52.4 GiB at 16, out of memory at 32
     "gpu": {
         "run": {"num_train_shards": 240, "vocab_size": 65_536, "tokenizer_chars": 2_000_000_000},
         "pretrain": {"depth": 20, "head_dim": 128, "seq_len": 2048, "num_steps": 21_400,
-                     "device_batch_size": 32, "total_batch_tokens": 524_288,
+                     "device_batch_size": 16, "total_batch_tokens": 524_288,
                      "eval_tokens": 10_485_760},
-        "midtrain": {"num_steps": 809, "seq_len": 0, "device_batch_size": 32,
+        "midtrain": {"num_steps": 809, "seq_len": 0, "device_batch_size": 16,
                      "total_batch_tokens": 524_288},
         "sft": {"num_steps": 701, "seq_len": 0, "device_batch_size": 4,
                 "total_batch_tokens": 65_536},
@@ -270,14 +270,16 @@ def sum_over_ranks(counts: dict, rt: Runtime) -> dict:
 
 
 def sized_cap(cap: int, run, seconds: float, rt: Runtime) -> int:
-    """cap when given (>= 0); for -1, the largest cap whose run(cap) fits in `seconds`, measured on
-    a probe run at PROBE_CAP whose results are dropped. Rank 0's measurement decides for all."""
+    """cap when given (>= 0); for -1, the largest cap whose run(cap) fits in `seconds` after a timed
+    probe run(PROBE_CAP), whose results are dropped. Rank 0's measurement decides for all."""
     if cap >= 0:
         return cap
     t0 = time.time()
     run(PROBE_CAP)
-    per_unit = (time.time() - t0) / PROBE_CAP  # seconds per unit of cap (one example per task)
-    sized = torch.tensor([max(PROBE_CAP, int(seconds / per_unit))])
+    probe_s = time.time() - t0
+    per_unit = probe_s / PROBE_CAP  # seconds per unit of cap (one example per task)
+    # 10% kept in reserve: the probe's few examples only estimate the rate of the many
+    sized = torch.tensor([max(PROBE_CAP, int(0.9 * (seconds - probe_s) / per_unit))])
     if rt.world_size > 1:
         dist.broadcast(sized, src=0)
     return int(sized.item())
@@ -300,7 +302,7 @@ def run_eval_phase(cfgs: dict, rt: Runtime):
             T = model.config.seq_len
             max_tokens = cfg.chat_bpb_tokens if is_chat else cfg.bpb_tokens
             rows = val_tensor(rt.run_dir, T, max_tokens // T or None)  # (N, T+1)
-            forward = torch.compile(model) if rt.use_compile else model
+            forward = compiled(model, rt.use_compile)
             bpb, loss = evaluate_bpb(forward, rows, token_bytes, rt.device, rt.precision)
             samples = sample(model, tok, is_chat, cfg.sample_tokens, rt.decode_precision)
             results[phase].update(val_bpb=bpb, val_loss=loss, val_tokens=rows.shape[0] * T,
@@ -415,9 +417,10 @@ def estimate(cfgs: dict, rt: Runtime) -> tuple:
     minutes["tokenize"] = chars / ENCODE_CHARS_PER_S / 60
     minutes["report"] = 0.0
     # memory: weights, grads and optimizer state (16 bytes/param) + one micro-batch's activations
-    # (about 40 bytes per layer and channel, 16 per logit: bf16 and fp32 copies and their
-    # gradients) + 1 GB of Python
-    per_token = p.depth * model.config.n_embd * 40 + run.vocab_size * 16
+    # (about 32 bytes per layer and channel, 4 per logit: the bf16 logits and their gradient) +
+    # 1 GB of Python. Fitted to measured peaks: d20 at batch 16 on an H100, 52.4 GiB (54.9
+    # estimated; batch 32 ran out of its 79 GiB, 87.9 estimated); the --cpu preset, 1.3 GiB (1.7)
+    per_token = p.depth * model.config.n_embd * 32 + run.vocab_size * 4
     act = p.device_batch_size * p.seq_len * per_token
     # disk: parquet, the token cache, checkpoints
     disk = chars * 0.4 + chars / CHARS_PER_TOKEN * 2 + model.num_params() * 4 * 6

@@ -11,7 +11,7 @@ import torch
 
 import train_all
 from tests.fixtures import prepared_run_dir, run_quiet, tiny_argv
-from train import LoopState, Runtime, lr_scale, muon_momentum, plan_steps
+from train import LoopState, Runtime, compiled, lr_scale, muon_momentum, plan_steps
 from train_all import MidtrainConfig, PretrainConfig, SFTConfig
 
 
@@ -82,3 +82,21 @@ def test_train_budget_plan_is_recorded_kept_on_resume_and_overridden():
         run_quiet(train_all.main, tiny_argv(run_dir, mirror) + explicit)
         results = json.load(open(os.path.join(run_dir, "base", "meta.json")))["results"]
         assert results["steps"] == 6 and results["step_s"] == 0, f"--num-steps ignored: {results}"
+
+
+def test_train_compiled_forgets_earlier_phases():
+    """compiled() clears dynamo's cache before compiling: the versions of GPT.forward compiled by
+    earlier phases would count towards its limit of 8 (past it, dynamo runs eagerly). Eager gets
+    the model itself. torch.compile and the reset are recorded here, not run."""
+    calls = []
+    real_reset, real_compile = torch.compiler.reset, torch.compile
+    torch.compiler.reset = lambda: calls.append("reset")
+    torch.compile = lambda model: calls.append("compile") or ("compiled", model)
+    try:
+        model = torch.nn.Linear(2, 2)
+        assert compiled(model, False) is model and calls == [], "eager must not compile"
+        assert compiled(model, True) == ("compiled", model), "compiled() did not compile"
+        assert calls == ["reset", "compile"], f"dynamo's cache not cleared first: {calls}"
+    finally:
+        torch.compiler.reset, torch.compile = real_reset, real_compile
+

@@ -13,6 +13,7 @@ import torch
 import train_all
 from cli import config_from_args
 from tests.fixtures import prepared_run_dir, run_quiet, tiny_argv
+from train import Runtime
 
 
 def test_train_all_every_phase_writes_its_files():
@@ -117,3 +118,29 @@ def test_train_all_cli_from_dataclasses():
     assert cfgs["pretrain"].seq_len == train_all.PRESETS["smoke"]["pretrain"]["seq_len"], \
         "preset not applied"
     assert cfgs["midtrain"].matrix_lr == train_all.MidtrainConfig.matrix_lr, "default lost"
+
+
+def test_train_all_sized_cap_fits_the_probe_and_the_run():
+    """A cap of -1 is sized from a timed probe so that probe and run together fit the seconds
+    given, with 10% in reserve; a cap given (0 = all) is kept and nothing is probed. The clock is
+    fake: each unit of cap costs 1.5 s."""
+    clock = [0.0]
+    real_time = train_all.time.time
+    train_all.time.time = lambda: clock[0]
+    runs = []
+
+    def run(cap):
+        runs.append(cap)
+        clock[0] += 1.5 * cap
+
+    try:
+        rt = Runtime(torch.device("cpu"), "fp32", "fp32", False, 0, 1, "")
+        cap = train_all.sized_cap(-1, run, 60.0, rt)
+        probe_s = 1.5 * train_all.PROBE_CAP
+        assert cap == int(0.9 * (60.0 - probe_s) / 1.5), f"cap {cap}"
+        assert probe_s + 1.5 * cap <= 60.0, "probe and run together overrun the budget"
+        assert runs == [train_all.PROBE_CAP], f"expected one probe run: {runs}"
+        assert train_all.sized_cap(0, run, 60.0, rt) == 0 and len(runs) == 1, "a given cap changed"
+    finally:
+        train_all.time.time = real_time
+
