@@ -22,7 +22,8 @@ Design:
   they print as one line. Every other exception is a bug and keeps its traceback.
 - the machine: bf16 where the hardware multiplies it natively (pick_precision), torch.compile
   where a probe shows it works (pick_compile), glibc told to keep freed memory for the next
-  training step (keep_freed_memory); each returns what the banner prints
+  training step (keep_freed_memory), a server's threads leaving a core to its clients
+  (leave_a_core); each returns what the banner prints
 
 Left out on purpose:
 - subcommands, config files and environment variables as config (STYLE.md section 6)
@@ -203,6 +204,20 @@ def keep_freed_memory(device: torch.device) -> str:
     is_set = [libc.mallopt(param, value) for param, value in settings]  # 1 = accepted
     assert all(is_set), f"glibc refused a mallopt setting: {list(zip(settings, is_set))}"
     return "allocator: freed memory kept for the next step (glibc mallopt)"
+
+
+def leave_a_core(device: torch.device) -> str:
+    """For a server on a CPU: torch computes on every usable CPU but one, left to the HTTP threads
+    and the clients (a browser, an API caller, often on the same machine); a line for the log."""
+    # One answer at a time, at batch 1: a token is a few vector-times-matrix products, bound by
+    # memory and Python more than by arithmetic, so a second thread adds little, while a client
+    # busy on a core the threads need stalls every op they share. Measured on 2 cores (bench.py
+    # serve): through the API at 0.84-0.93 of direct generate() with 2 threads, 0.95 with 1.
+    cpus = usable_cpus()
+    if device.type != "cpu" or cpus < 2:
+        return f"threads: {torch.get_num_threads()}"
+    torch.set_num_threads(cpus - 1)
+    return f"threads: {cpus - 1} of {cpus} CPUs (one left for the clients)"
 
 
 # --- errors a user can fix ---

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+import cli
 from cli import add_config_args, config_from_args, pick_compile
 from tests.fixtures import ROOT, make_mirror, prepared_run_dir, tiny_argv
 
@@ -131,3 +132,19 @@ print(default, faults())
     default, kept = map(int, out.stdout.split())
     assert default > 3 * 10_000, f"only {default} faults for 3 x 64 MB by default: control broken"
     assert kept < 1_000, f"{kept} page faults with freed memory kept ({default} before): no effect"
+
+
+def test_cli_leave_a_core_for_the_clients():
+    """A server on a CPU computes on every usable CPU but one (at least one); on a GPU the CPU
+    threads stay as they were."""
+    before = torch.get_num_threads()
+    try:
+        line = cli.leave_a_core(torch.device("cpu"))
+        expected = max(1, cli.usable_cpus() - 1)
+        assert torch.get_num_threads() == expected, f"{torch.get_num_threads()} threads: {line}"
+        torch.set_num_threads(before)
+        cli.leave_a_core(torch.device("cuda"))  # only reads the count: no GPU is needed
+        assert torch.get_num_threads() == before, "a GPU server changed the CPU threads"
+    finally:
+        torch.set_num_threads(before)
+
