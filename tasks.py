@@ -240,7 +240,8 @@ def first_exchange(conversation: dict, max_chars: int):
     (and, once rendered, in <|assistant_end|>): a model shown whole answers learns to stop. None
     when the question alone takes over half of max_chars, or no sentence ends in the first
     quarter of the room left (a cut there would keep almost nothing), or either message holds a
-    ``` code block (prose only: code is what a 7M model cannot learn, and a cut one never ends).
+    ``` code block (prose only: a model this small cannot learn code, and a cut block never
+    ends).
     """
     question = conversation["messages"][0]["content"]
     answer = conversation["messages"][1]["content"]
@@ -266,11 +267,12 @@ def short_chats(conversations: list, max_chars: int) -> list:
 
 CHAT_CHARS = 1000  # question + answer of a short chat, at most: about 250 tokens, half a row
 
+
 def midtrain_conversations(run_dir: str, split: str = "train") -> list:
     """The midtraining mixture, shuffled; split "train" or "val".
 
-    nanochat's tasks (mid_train.py OLD) at weights measured for a 7M model in 5 minutes (README,
-    the chat sweep): SmolTalk as short prose chats (short_chats, 1,000 characters) twice, where
+    nanochat's tasks (mid_train.py OLD) at weights measured for the --cpu preset (README, the
+    chat sweep): SmolTalk as short prose chats (short_chats, 1,000 characters) twice, where
     nanochat has whole conversations once; all of MMLU's auxiliary train set; GSM8K's first
     2,000 problems; identity twice; SimpleSpelling 1,000 and SpellingBee 500 (nanochat: 200,000
     and 80,000 beside 460K SmolTalk rows). Spelling is short, fixed and easy to memorize: at
