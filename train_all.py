@@ -170,8 +170,7 @@ PRESETS = {
         "eval": {"bpb_tokens": 32_768, "chat_bpb_tokens": 32_768, "sample_tokens": 16,
                  "core_max_per_task": 2, "chat_max_per_task": 2, "quality_conversations": 8},
     },
-    # nanochat's d20 speedrun on one 8-GPU node (reference §6.1): 20 tokens per parameter.
-    # Device batch 16, not nanochat's 32: measured on one H100, 52.4 GiB at 16, out of memory at 32
+    # nanochat's d20 speedrun (reference §6.1) at device batch 16: 32 runs out of an H100's memory
     "gpu": {
         "run": {"num_train_shards": 240, "vocab_size": 65_536, "tokenizer_chars": 2_000_000_000},
         "pretrain": {"depth": 20, "head_dim": 128, "seq_len": 2048, "num_steps": 21_400,
@@ -412,6 +411,8 @@ def estimate(cfgs: dict, rt: Runtime) -> tuple:
     ev = cfgs["eval"]  # eval scores its tokens with forward passes only: 1/3 of a training step
     eval_tokens = (ev.bpb_tokens or SHARD_CHARS / CHARS_PER_TOKEN) + 2 * ev.chat_bpb_tokens
     minutes["eval"] = eval_tokens * model.flops_per_token() / 3 / flops / 60
+    if min(ev.core_max_per_task, ev.chat_max_per_task) < 0:  # caps sized to fill its budget
+        minutes["eval"] = ev.minutes
     minutes["download"] = 0.2
     minutes["tokenizer"] = min(run.tokenizer_chars, chars) / BPE_CHARS_PER_S / 60
     minutes["tokenize"] = chars / ENCODE_CHARS_PER_S / 60
@@ -419,7 +420,7 @@ def estimate(cfgs: dict, rt: Runtime) -> tuple:
     # memory: weights, grads and optimizer state (16 bytes/param) + one micro-batch's activations
     # (about 32 bytes per layer and channel, 4 per logit: the bf16 logits and their gradient) +
     # 1 GB of Python. Fitted to measured peaks: d20 at batch 16 on an H100, 52.4 GiB (54.9
-    # estimated; batch 32 ran out of its 79 GiB, 87.9 estimated); the --cpu preset, 1.3 GiB (1.7)
+    # estimated; batch 32 ran out of its 79 GiB, 87.9 estimated); --cpu pretraining, 1.8 GB (1.7)
     per_token = p.depth * model.config.n_embd * 32 + run.vocab_size * 4
     act = p.device_batch_size * p.seq_len * per_token
     # disk: parquet, the token cache, checkpoints

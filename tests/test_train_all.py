@@ -144,3 +144,15 @@ def test_train_all_sized_cap_fits_the_probe_and_the_run():
     finally:
         train_all.time.time = real_time
 
+
+def test_train_all_banner_expects_the_eval_budget():
+    """The banner's eval minutes are the phase's budget when its caps are sized to fill it (the
+    --cpu defaults), and the forward passes of its bpb when every cap is fixed."""
+    cfgs = {section: cls() for section, (_, cls) in train_all.SECTIONS.items()}
+    rt = Runtime(torch.device("cpu"), "fp32", "fp32", False, 0, 1, "")
+    minutes, _, _ = train_all.estimate(cfgs, rt)
+    assert minutes["eval"] == cfgs["eval"].minutes, f"eval expected {minutes['eval']} min"
+    cfgs["eval"] = dataclasses.replace(cfgs["eval"], core_max_per_task=2, chat_max_per_task=2)
+    minutes, _, _ = train_all.estimate(cfgs, rt)
+    assert 0 < minutes["eval"] < cfgs["eval"].minutes, f"fixed caps: {minutes['eval']} min"
+
