@@ -189,7 +189,8 @@ def pick_compile(device: torch.device, choice: str = "auto") -> tuple[bool, str]
 
 
 def keep_freed_memory(device: torch.device) -> str:
-    """Make glibc keep the memory a CPU training step frees for the next step; a banner line."""
+    """Make glibc keep the memory a CPU training step (or a server's answer) frees for the next
+    one; a line for the banner or the log."""
     # glibc's malloc gives a block above M_MMAP_THRESHOLD (128 KB, rising up to 32 MB) its own mmap,
     # unmaps it when freed, and trims the heap's free top past M_TRIM_THRESHOLD. A step frees
     # hundreds of MB and asks for them again, so the kernel maps and zeroes them anew, a page fault
@@ -212,7 +213,8 @@ def leave_a_core(device: torch.device) -> str:
     # One answer at a time, at batch 1: a token is a few vector-times-matrix products, bound by
     # memory and Python more than by arithmetic, so a second thread adds little, while a client
     # busy on a core the threads need stalls every op they share. Measured on 2 cores (bench.py
-    # serve): through the API at 0.84-0.93 of direct generate() with 2 threads, 0.95 with 1.
+    # serve): through the API at 0.84-0.93 of direct generate() with 2 threads, 0.93-0.94 with 1
+    # (and 0.91-1.00 vs 0.96-1.00 at nanochat's d6).
     cpus = usable_cpus()
     if device.type != "cpu" or cpus < 2:
         return f"threads: {torch.get_num_threads()}"

@@ -2,9 +2,9 @@
 Everything the training phases read: verified downloads, the token cache, and the batch streams.
 
 Used by train_all.py (download and tokenize phases, then every training phase), tasks.py (the task
-parquet rows it turns into conversations) and evals.py (validation rows); imports chat.py only for
-render_conversation and cli.py for its progress lines. Returns paths, numpy arrays and int64 torch
-tensors (B, T) of token ids.
+parquet rows it turns into conversations) and evals.py (validation rows); imports chat.py only
+for render_conversation and cli.py for its progress lines and usable CPUs. Returns paths, numpy
+arrays and int64 torch tensors (B, T) of token ids.
 
 Design:
 - one download path for everything: `urllib` streams into `dest.tmp`, the file is checked (a parquet
@@ -478,6 +478,7 @@ def sft_batches(tok, conversations: list, batch_size: int, seq_len: int, state=N
                 raise ValueError(f"no conversation has an assistant token within {seq_len + 1} "
                                  "tokens; raise seq_len or check the conversations")
         longest = max(len(ids) for ids, _ in rows) - 1
+        # rounded up: longest 130 -> T 256 (-(-a // b) is a // b rounded up), at most seq_len
         T = min(seq_len, -(-longest // SFT_ROW_MULTIPLE) * SFT_ROW_MULTIPLE)
         x = torch.full((batch_size, T), pad, dtype=torch.int64)  # (B, T)
         y = torch.full((batch_size, T), -1, dtype=torch.int64)  # (B, T)

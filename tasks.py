@@ -228,8 +228,8 @@ def identity_conversations() -> list:
 
 # --- short chats: what a small model can learn to finish ---
 
-# the end of a sentence: . ! or ? after a letter, a closing bracket or quote, then a space or
-# newline; not "3.5" nor the "1." of a numbered list
+# the end of a sentence: . ! or ? after a lowercase letter, a closing bracket or quote, then a
+# space or newline; not "3.5" nor the "1." of a numbered list
 SENTENCE_END = re.compile(r"(?<=[a-z)\"'])[.!?](?=\s)")
 
 
@@ -238,10 +238,10 @@ def first_exchange(conversation: dict, max_chars: int):
 
     An answer too long is cut after its last sentence that fits, so it still ends in a full stop
     (and, once rendered, in <|assistant_end|>): a model shown whole answers learns to stop. None
-    when the question alone takes over half of max_chars, or no sentence ends in the first
-    quarter of the room left (a cut there would keep almost nothing), or either message holds a
-    ``` code block (prose only: a model this small cannot learn code, and a cut block never
-    ends).
+    when the question alone takes over half of max_chars, or the last sentence that fits ends
+    within the first quarter of the room left (a cut there would keep almost nothing), or either
+    message holds a ``` code block (prose only: a model this small cannot learn code, and a cut
+    block never ends).
     """
     question = conversation["messages"][0]["content"]
     answer = conversation["messages"][1]["content"]
@@ -249,7 +249,8 @@ def first_exchange(conversation: dict, max_chars: int):
         return None
     room = max_chars - len(question)
     if len(answer) > room:
-        ends = [m.end() for m in SENTENCE_END.finditer(answer, 0, room)]
+        # room + 1: the space after a full stop at answer[room - 1] must be seen to match
+        ends = [m.end() for m in SENTENCE_END.finditer(answer, 0, room + 1)]
         if not ends or ends[-1] < room // 4:
             return None
         answer = answer[:ends[-1]]

@@ -2,8 +2,8 @@
 Every phase of tinychat in one command: download, tokenizer, pretraining, midtraining, SFT, eval,
 report.
 
-The learner's entry point (layer 4): imports cli, bpe, gpt, data, tasks, core, evals, report
-and train (the one training loop), writes everything into the run directory (default
+The learner's entry point (layer 4): imports cli, bpe, gpt, data, tasks, sampler, core, evals,
+report and train (the one training loop), writes everything into the run directory (default
 ~/.cache/tinychat) and, rerun after a crash or a kill, continues where it stopped. main() reads
 top to bottom: flags -> configs -> runtime -> banner -> each phase in order.
 

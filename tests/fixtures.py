@@ -223,8 +223,9 @@ def make_mirror(root):
 
 
 def tiny_argv(run_dir, mirror, steps=3, compile="off"):
-    """Flags for the tiniest run: --smoke shrunk further (1-layer GPT, 64-token rows, a few
-    steps), eager unless compile is "auto" or "on" (compiling takes seconds even for this)."""
+    """Flags for the tiniest run: --smoke shrunk further (1-layer GPT, 64-token rows in
+    pretraining and 128 in midtraining and SFT, a few steps), eager unless compile is "auto" or
+    "on" (compiling takes seconds even for this)."""
     argv = ["--smoke", "--run-dir", run_dir, "--mirror", mirror, "--compile", compile,
             "--vocab-size", "300",
             "--tokenizer-chars", "50000", "--pretrain-depth", "1", "--pretrain-head-dim", "16",
@@ -233,7 +234,7 @@ def tiny_argv(run_dir, mirror, steps=3, compile="off"):
     for phase in ("pretrain", "midtrain", "sft"):
         argv += [f"--{phase}-num-steps", str(steps), f"--{phase}-device-batch-size", "2",
                  f"--{phase}-total-batch-tokens", "256", f"--{phase}-eval-tokens", "256"]
-    # midtraining and SFT at twice pretraining's context, as the presets do
+    # midtraining and SFT at twice pretraining's context, as the cpu and smoke presets do
     argv += ["--midtrain-seq-len", "128", "--sft-seq-len", "128"]
     return argv
 

@@ -99,4 +99,3 @@ def test_train_compiled_forgets_earlier_phases():
         assert calls == ["reset", "compile"], f"dynamo's cache not cleared first: {calls}"
     finally:
         torch.compiler.reset, torch.compile = real_reset, real_compile
-

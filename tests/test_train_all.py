@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import types
 
 import torch
 
@@ -125,8 +126,8 @@ def test_train_all_sized_cap_fits_the_probe_and_the_run():
     given, with 10% in reserve; a cap given (0 = all) is kept and nothing is probed. The clock is
     fake: each unit of cap costs 1.5 s."""
     clock = [0.0]
-    real_time = train_all.time.time
-    train_all.time.time = lambda: clock[0]
+    real_time = train_all.time
+    train_all.time = types.SimpleNamespace(time=lambda: clock[0])  # train_all's clock only
     runs = []
 
     def run(cap):
@@ -142,7 +143,7 @@ def test_train_all_sized_cap_fits_the_probe_and_the_run():
         assert runs == [train_all.PROBE_CAP], f"expected one probe run: {runs}"
         assert train_all.sized_cap(0, run, 60.0, rt) == 0 and len(runs) == 1, "a given cap changed"
     finally:
-        train_all.time.time = real_time
+        train_all.time = real_time
 
 
 def test_train_all_banner_expects_the_eval_budget():
@@ -155,4 +156,3 @@ def test_train_all_banner_expects_the_eval_budget():
     cfgs["eval"] = dataclasses.replace(cfgs["eval"], core_max_per_task=2, chat_max_per_task=2)
     minutes, _, _ = train_all.estimate(cfgs, rt)
     assert 0 < minutes["eval"] < cfgs["eval"].minutes, f"fixed caps: {minutes['eval']} min"
-
