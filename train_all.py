@@ -159,7 +159,7 @@ SMOKE_CHAT = {  # midtrain and sft of --smoke: a few tiny steps
 }
 PRESETS = {
     "cpu": {},  # the dataclass defaults
-    # every phase on a tiny model in a couple of minutes, to check that everything works
+    # every phase on a tiny model in under 2 minutes, to check that everything works
     "smoke": {
         "run": {"num_train_shards": 1, "vocab_size": 1024, "tokenizer_chars": 2_000_000},
         "pretrain": {"depth": 2, "head_dim": 32, "seq_len": 128, "num_steps": 30,
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     preset.add_argument("--cpu", action="store_true",
                         help="the preset tuned for an hour on 2 CPU cores (the defaults)")
     preset.add_argument("--smoke", action="store_true",
-                        help="every phase on a tiny model in a few minutes")
+                        help="every phase on a tiny model in under 2 minutes")
     parser.add_argument("--only", choices=PHASES, help="run just this phase")
     parser.add_argument("--from", dest="start", choices=PHASES,
                         help="run this phase and every later one")
