@@ -266,7 +266,9 @@ def span_scores(model, rows: list, starts: list, ends: list, pad_id: int, device
     if P > 0:
         prefix = KVCache(1, model.config, T, device, dtype)
         with autocast(device, precision):
-            model(torch.tensor([rows[0][:P]], dtype=torch.long, device=device), kv_cache=prefix)
+            # only its keys and values are wanted: last_only skips the logits of P - 1 tokens
+            model(torch.tensor([rows[0][:P]], dtype=torch.long, device=device), kv_cache=prefix,
+                  last_only=True)
         cache.k.copy_(prefix.k.expand_as(cache.k))  # row 0 to every row, (L, B, Hkv, T, D)
         cache.v.copy_(prefix.v.expand_as(cache.v))  # (L, B, Hkv, T, D)
         cache.pos = P

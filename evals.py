@@ -389,19 +389,21 @@ def assistant_nats(model, tok, conversation: dict, token_bytes: torch.Tensor,
 
 
 def evaluate_quality(model, tok, smoltalk: list, precision: str = "fp32", rank: int = 0,
-                     world_size: int = 1, prompts: list = QUALITY_PROMPTS) -> dict:
+                     world_size: int = 1, prompts: list = QUALITY_PROMPTS,
+                     config: SampleConfig = SampleConfig()) -> dict:
     """This rank's share (i % world_size == rank) of the chat-quality counts: the prompts
-    answered at the chat defaults (prompt i with seed i), and the assistant tokens of the smoltalk
-    conversations (e.g. tasks.load_task(run_dir, "smoltalk-test")[:200]). Returns {"answers",
-    "ended", "ngrams", "repeats", "templated", "nats", "bytes", "samples": [[i, prompt, answer,
-    template or ""]]}; sum the ranks with merge_counts, then call quality_summary."""
+    answered at `config`, the chat defaults unless given (prompt i with seed i), and the assistant
+    tokens of the smoltalk conversations (e.g. tasks.load_task(run_dir, "smoltalk-test")[:200]).
+    Returns {"answers", "ended", "ngrams", "repeats", "templated", "nats", "bytes", "samples":
+    [[i, prompt, answer, template or ""]]}; sum the ranks with merge_counts, then call
+    quality_summary."""
     counts = {"answers": 0, "ended": 0, "ngrams": 0, "repeats": 0, "templated": 0, "nats": 0.0,
               "bytes": 0, "samples": []}
     # sampled, not greedy: that is how a user meets the model (tinychat.py and the web page use
     # these defaults), and greedy decoding exaggerates loops. A seed per prompt keeps it repeatable
     for i in range(rank, len(prompts), world_size):
         ids = complete(model, tok, render_for_completion(tok, user_turn(prompts[i])),
-                       SampleConfig(seed=i), precision)
+                       dataclasses.replace(config, seed=i), precision)
         for key, value in answer_counts(tok, ids).items():
             counts[key] += value
         text = text_of(tok, ids)

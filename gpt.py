@@ -28,7 +28,6 @@ Design:
   cli.pick_compile finds it works; the code is the same compiled or eager, so are the numbers.
 - Checkpoints: model.pt (tensors only), meta.json (config, step, metrics), optim.pt, each written
   to name.tmp and os.replace'd, and read with torch.load(weights_only=True), which cannot run code.
-
 - One addition from nanochat HEAD, value embeddings (VE): every other layer has a second token
   table whose row is added to the attention values, through a small per-head gate. Lookups cost
   almost no FLOPs; at the --cpu preset's shape they lowered val bpb by 0.15 at equal steps (see
@@ -382,17 +381,16 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), the PaLM estimate nanochat prints."""
         # 6 per weight (2 forward multiply-adds, 4 backward) for every matrix the token passes
         # through; the embeddings are lookups, not matmuls, so wte and the value embeddings are
-        # excluded. Attention scores
-        # add 12 * L * H * D * T: q.k and att.v are 2 * T * D multiply-adds per head, x3 for
-        # backward.
+        # excluded. Attention scores add 12 * L * H * D * T: q.k and att.v are 2 * T * D
+        # multiply-adds per head, x3 for backward.
         cfg = self.config
         tables = [self.wte.weight] + [table.weight for table in self.value_embeds.values()]
         n = self.num_params() - sum(table.numel() for table in tables)
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.seq_len
 
-    def forward(self, ids, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, ids, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         """ids (B, T) -> fp32 logits (B, T, V); with targets (B, T), the loss instead
-        (-1 = ignored).
+        (-1 = ignored). last_only: the last position's logits only, (B, 1, V), for a prefill.
 
         loss_reduction: "mean" over counted targets, "sum" (nats), or "none" -> (B, T) nats, 0 where
         ignored. With a kv_cache, ids continue the cached tokens and the cache advances by T.
@@ -409,8 +407,10 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, kv_cache)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.pos += T
-        x = norm(x)  # (B, T, C)
-        logits = self.lm_head(x)  # (B, T, V), bf16 under bf16 autocast
+        # NOTE: a prefill needs one position's logits; lm_head and the softcap over the other T-1
+        # rows would be most of a short model's work (at the --cpu shape, V = 32 C)
+        x = norm(x[:, -1:] if last_only else x)  # (B, T or 1, C)
+        logits = self.lm_head(x)  # (B, T or 1, V), bf16 under bf16 autocast
         if targets is None:
             return softcap(logits.float())  # (B, T, V) fp32
         nats = SoftcapCrossEntropy.apply(logits.view(B * T, -1), targets.reshape(B * T))  # (B*T,)

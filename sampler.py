@@ -15,6 +15,9 @@ Design:
 - temperature 0 is argmax; otherwise softmax(logits / temperature) over the top_k largest logits,
   cut to the top_p nucleus when top_p < 1,
   drawn with a torch.Generator seeded by `seed`, so a (prompt, seed) pair always gives one answer.
+- OpenAI's frequency and presence penalties come first: each token's logit is lowered by
+  frequency_penalty per time the row has already written it, and by presence_penalty once if it
+  has written it at all. A small model loops ("a joke for a joke for a joke"); they push it on.
 - each row samples its own first token. nanochat's OLD engine sampled it once and copied it to every
   row, so all num_samples answers began alike (pass@k evals were quietly weaker).
 - the calculator tool is a small per-row state machine: when the model writes <|python_start|>
@@ -27,8 +30,9 @@ Design:
   stream at stop strings (the API's `stop`), holding back any tail that may begin one.
 
 Left out on purpose:
-- min-p, repetition penalties and beam search: nanochat samples with temperature and top-k only
-  (top-p is here because OpenAI-API clients of serve.py send it; nanochat has none of the three)
+- min-p, llama.cpp's multiplicative repeat penalty and beam search: nanochat samples with
+  temperature and top-k only (top-p and the penalties are here because OpenAI-API clients of
+  serve.py send them; nanochat has none of these)
 - finished rows keep their slot in the batch (no shrinking of the cache); simpler, and the waste
   only exists at num_samples > 1
 - one prompt per call: no batching of different prompts (they would need padding and masks)
@@ -59,6 +63,7 @@ from gpt import KVCache, autocast, load_checkpoint
 MAX_TEMPERATURE = 2.0   # above 2 the text is noise; nanochat's web UI allowed 0..2 too
 MAX_TOP_K = 200         # nanochat's web UI bound
 MAX_NEW_TOKENS = 4096   # nanochat's web UI bound; generate() also stops at the model's context
+MAX_PENALTY = 2.0       # OpenAI's bound on frequency_penalty and presence_penalty (-2 to 2)
 
 # Calculator limits. They keep every operation tiny: no operand or result above 10**18 (so at most
 # a 36-digit product is ever computed), and expressions no longer than a line of GSM8K arithmetic.
@@ -80,6 +85,8 @@ class SampleConfig:
     top_p: float = 1.0          # nucleus: the fewest likeliest tokens holding top_p of it; 1 = off
     max_tokens: int = 256       # new tokens per answer at most, forced tool tokens included
     seed: int = 42              # seeds the sampling generator: same prompt + seed = same answer
+    frequency_penalty: float = 0.0  # logit minus this per time the answer already has the token
+    presence_penalty: float = 0.0   # logit minus this once if the answer already has the token
 
     def __post_init__(self):
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
@@ -94,6 +101,10 @@ class SampleConfig:
         if not 1 <= self.max_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"max_tokens {self.max_tokens} is out of range; use 1 to "
                              f"{MAX_NEW_TOKENS}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise ValueError(f"{name} {getattr(self, name)} is out of range; use "
+                                 f"{-MAX_PENALTY} to {MAX_PENALTY} (0 = off)")
 
 
 # --- loading the model to talk to ---
@@ -268,7 +279,7 @@ def _next_column(rows, sampled, tok, special):
 
 @torch.inference_mode()
 def generate(model, tok, ids, max_tokens, temperature=1.0, top_k=None, seed=42, num_samples=1,
-             precision="fp32", top_p=1.0):
+             precision="fp32", top_p=1.0, frequency_penalty=0.0, presence_penalty=0.0):
     """Yield (tokens, masks) once per step, each a list with one entry per row (num_samples rows).
 
     `ids` is the prompt (list of token ids). A mask is 1 for a sampled token and 0 for a token the
@@ -279,8 +290,9 @@ def generate(model, tok, ids, max_tokens, temperature=1.0, top_k=None, seed=42, 
     A SampleConfig fits straight in: generate(model, tok, ids, **dataclasses.asdict(cfg)).
 
     Plan: 1) prefill the prompt at batch 1; 2) copy the cache to num_samples rows; 3) each step:
-    sample a token per row, replace it by a forced token where the tool has one, update the tool
-    state, yield, then run the new column of tokens through the model to get the next logits.
+    lower the logits of tokens already written (the penalties), sample a token per row, replace it
+    by a forced token where the tool has one, update the tool state, yield, then run the new
+    column of tokens through the model to get the next logits.
     """
     # NOTE: inference_mode is applied as a decorator, not a `with` around the loop: torch's
     # decorator re-enters it on every resume of the generator and leaves it at every yield, so the
@@ -304,7 +316,7 @@ def generate(model, tok, ids, max_tokens, temperature=1.0, top_k=None, seed=42, 
 
     def last_logits(x, cache):
         with autocast(device, precision):
-            logits = model(x, kv_cache=cache)  # (B, T, V)
+            logits = model(x, kv_cache=cache, last_only=True)  # (B, 1, V)
         return logits[:, -1, :].float()  # (B, V)
 
     # 1) prefill: the prompt runs once, whatever num_samples is
@@ -319,10 +331,18 @@ def generate(model, tok, ids, max_tokens, temperature=1.0, top_k=None, seed=42, 
     del prefill
     logits = logits.expand(num_samples, -1)  # (B, V)
     rows = [_RowState() for _ in range(num_samples)]
+    is_penalized = frequency_penalty != 0 or presence_penalty != 0
+    written = torch.zeros(num_samples, logits.size(-1), device=device)  # (B, V) times per token
     # 3) one token per row per step
     for step in range(num_steps):
+        if is_penalized:  # OpenAI's formula, on what each row has written so far
+            logits = logits - frequency_penalty * written - presence_penalty * (written > 0)
         sampled = _sample(logits, generator, temperature, top_k, top_p).tolist()
         tokens, masks = _next_column(rows, sampled, tok, special)
+        if is_penalized:
+            for row, token in enumerate(tokens):
+                if token is not None:
+                    written[row, token] += 1
         yield tokens, masks
         if step == num_steps - 1 or all(row.is_done for row in rows):
             return

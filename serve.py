@@ -171,12 +171,14 @@ def sample_params(body: dict) -> dict:
     name = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
     max_tokens = min(_typed(body, name, MAX_NEW_TOKENS), MAX_NEW_TOKENS)
     number = (int, float)
+    penalties = {name: _typed(body, name, getattr(SampleConfig, name), number)
+                 for name in ("frequency_penalty", "presence_penalty")}  # OpenAI's, -2 to 2
     try:  # SampleConfig checks the ranges, with tinychat.py's limits; top_k 0 means no limit
         temperature = _typed(body, "temperature", SampleConfig.temperature, number)
         sampling = SampleConfig(temperature=temperature,
                                 top_k=_typed(body, "top_k", SampleConfig.top_k) or None,
                                 top_p=_typed(body, "top_p", SampleConfig.top_p, number),
-                                max_tokens=max_tokens, seed=seed)
+                                max_tokens=max_tokens, seed=seed, **penalties)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     return {"stream": stream, "include_usage": options.get("include_usage") is True, "stop": stop,

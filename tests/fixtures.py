@@ -134,11 +134,11 @@ class ScriptedModel(torch.nn.Module):
         self.config, self.script, self.fed = config, script, []
         self.dummy = torch.nn.Parameter(torch.zeros(1))  # so generate() can find the device
 
-    def forward(self, ids, kv_cache=None):
+    def forward(self, ids, kv_cache=None, last_only=False):
         B, T = ids.shape
         self.fed.append(ids[:, -1].tolist())
         kv_cache.pos += T
-        logits = torch.zeros(B, T, self.config.vocab_size)  # (B, T, V)
+        logits = torch.zeros(B, 1 if last_only else T, self.config.vocab_size)  # (B, T or 1, V)
         logits[:, -1, self.script[min(len(self.fed) - 1, len(self.script) - 1)]] = 10.0
         return logits
 
@@ -270,14 +270,15 @@ class TypistModel(torch.nn.Module):
         self.step = 0
         self.dummy = torch.nn.Parameter(torch.zeros(1))  # generate() finds the device through it
 
-    def forward(self, ids, kv_cache=None):
+    def forward(self, ids, kv_cache=None, last_only=False):
         self.calls.release()
         if self.permits is not None:
             assert self.permits.acquire(timeout=60), "the test never let the fake model go on"
         if kv_cache.pos == 0:  # a prefill: a new answer
             self.step = 0
         kv_cache.pos += ids.shape[1]
-        logits = torch.zeros(ids.shape[0], ids.shape[1], self.config.vocab_size)  # (B, T, V)
+        T = 1 if last_only else ids.shape[1]
+        logits = torch.zeros(ids.shape[0], T, self.config.vocab_size)  # (B, T or 1, V)
         logits[:, -1, self.script[min(self.step, len(self.script) - 1)]] = 100.0
         self.step += 1
         return logits

@@ -32,10 +32,10 @@ class BigramModel(torch.nn.Module):
         self.config = GPTConfig(seq_len=64, vocab_size=len(table), n_layer=1, n_head=1,
                                 n_kv_head=1, n_embd=2)
 
-    def forward(self, ids, kv_cache=None):
+    def forward(self, ids, kv_cache=None, last_only=False):
         if kv_cache is not None:
             kv_cache.pos += ids.shape[1]
-        return self.table[ids]  # (B, T, V)
+        return self.table[ids[:, -1:] if last_only else ids]  # (B, T or 1, V)
 
 
 def bigram(pairs: dict) -> BigramModel:

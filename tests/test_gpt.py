@@ -55,7 +55,7 @@ def test_gpt_config_from_depth_never_crashes():
 
 def test_gpt_kv_cache_matches_full_forward():
     """Prefill, a chunk and one-token decodes through the KV cache give the logits of one full
-    forward."""
+    forward; a last_only prefill gives its last column and the same cache."""
     for n_kv_head in (4, 2):  # plain multi-head and grouped-query attention
         model = tiny_gpt(n_kv_head=n_kv_head)
         ids = torch.randint(0, 64, (2, 12))  # (B, T)
@@ -70,6 +70,14 @@ def test_gpt_kv_cache_matches_full_forward():
                             "cases in attend() or cache.pos")
         assert cache.pos == 12, (f"cache.pos is {cache.pos} after 12 tokens: forward must advance "
                                  "it once per call")
+        # a prefill asks for the last position's logits only (last_only): same logits, same cache
+        with torch.no_grad():
+            prefill = KVCache(2, model.config, max_len=16)
+            last = model(ids[:, :9], kv_cache=prefill, last_only=True)  # (B, 1, V)
+        assert last.shape == (2, 1, 64), f"last_only gave shape {tuple(last.shape)}, not (2, 1, 64)"
+        assert (last[:, 0] - full[:, 8]).abs().max().item() < 1e-4, "last_only logits differ"
+        assert torch.allclose(prefill.k[:, :, :, :9], cache.k[:, :, :, :9], atol=1e-5), (
+            "a last_only prefill must fill the cache as a full forward does")
 
 
 def test_gpt_loss_ignores_minus_one():

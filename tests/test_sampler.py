@@ -116,7 +116,7 @@ def test_sampler_top_p_keeps_the_nucleus():
     model = ScriptedModel(config, [0])
     logits = torch.full((tok.vocab_size,), float("-inf"))
     logits[:4] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()  # bytes 0..3 with these probabilities
-    model.forward = lambda ids, kv_cache: logits.expand(ids.shape[0], ids.shape[1], -1)  # (B, T, V)
+    model.forward = lambda ids, kv_cache, last_only: logits.expand(ids.shape[0], 1, -1)  # (B, 1, V)
     for top_p, nucleus in ((0.7, {0, 1}), (0.85, {0, 1, 2}), (0.0, {0}), (1.0, {0, 1, 2, 3})):
         tokens, _ = _rows(model, tok, [tok.bos_id], max_tokens=1, temperature=1.0, top_p=top_p,
                           num_samples=2000)
@@ -133,6 +133,33 @@ def test_sampler_top_p_keeps_the_nucleus():
         raise AssertionError("SampleConfig accepted top_p 1.5")
     except ValueError as e:
         assert "top_p" in str(e), f"the error should name top_p: {e}"
+
+
+def test_sampler_penalties_lower_what_was_written():
+    """frequency_penalty lowers a token's logit per time it was written, presence_penalty once;
+    0 changes nothing; out-of-range values are refused."""
+    tok = Tokenizer([])
+    config = GPTConfig(seq_len=16, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1,
+                       n_embd=4)
+    model = ScriptedModel(config, [0])
+    logits = torch.zeros(tok.vocab_size)  # (V,) "a" at 1.5, every other token at 0
+    logits[ord("a")] = 1.5
+    model.forward = lambda ids, kv_cache, last_only: logits.expand(ids.shape[0], 1, -1)  # (B, 1, V)
+    def greedy(**penalties):
+        tokens, _ = _rows(model, tok, [tok.bos_id], max_tokens=6, temperature=0.0, **penalties)
+        return bytes(tokens[0])
+    assert greedy() == b"aaaaaa", "without penalties the likeliest token wins every step"
+    # frequency 0.5: "a" scores 1.5, 1.0, 0.5, then 0, a tie that the first zero (byte 0) wins;
+    # byte 0 then scores -0.5 and byte 1 wins, and so on
+    assert greedy(frequency_penalty=0.5) == b"aaa\x00\x01\x02", greedy(frequency_penalty=0.5)
+    # presence 2 > 1.5: a written token falls below every unwritten one at once
+    assert greedy(presence_penalty=2.0) == b"a\x00\x01\x02\x03\x04", greedy(presence_penalty=2.0)
+    for name in ("frequency_penalty", "presence_penalty"):
+        try:
+            SampleConfig(**{name: 2.5})
+            raise AssertionError(f"SampleConfig accepted {name} 2.5")
+        except ValueError as e:
+            assert name in str(e), f"the error should name {name}: {e}"
 
 
 def test_sampler_generator_leaves_caller_autograd_alone():

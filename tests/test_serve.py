@@ -185,6 +185,8 @@ def test_serve_malformed_requests_get_4xx_in_openai_shape():
             ("temperature true", bad(hi(temperature=True)), 400),
             ("top_k 500", bad(hi(top_k=500)), 400),
             ("top_p 2", bad(hi(top_p=2)), 400),
+            ("frequency_penalty 3", bad(hi(frequency_penalty=3)), 400),
+            ("presence_penalty text", bad(hi(presence_penalty="high")), 400),
             ("max_tokens 0", bad(hi(max_tokens=0)), 400),
             ("max_tokens 1.5", bad(hi(max_tokens=1.5)), 400),
             ("seed -1", bad(hi(seed=-1)), 400),
@@ -372,7 +374,7 @@ def fuzz_requests(port: int, num_requests: int, seed: int = 0) -> dict:
     values = [None, True, -1, 0, 0.5, 3, 2**70, "x", "", [], {}, {"a": [1]}, "\ud800", "a" * 9000,
               [{"type": "image_url"}], [{"type": "text", "text": "hi"}]]
     fields = ["messages", "prompt", "temperature", "top_k", "top_p", "max_tokens", "seed", "n",
-              "stream", "stop", "stream_options", "model"]
+              "stream", "stop", "stream_options", "model", "frequency_penalty", "presence_penalty"]
     raw_bodies = [b"{", b"[]", b"null", b'{"top_p": NaN}', b'{"max_tokens": 1e999}', b"[" * 50_000,
                   b"\xff\xfe{}", b'{"seed": 1' + b"0" * 5000 + b"}", b""]
     routes = [("POST", "/v1/chat/completions")] * 6 + [
