@@ -22,8 +22,8 @@ Design:
   they print as one line. Every other exception is a bug and keeps its traceback.
 - the machine: bf16 where the hardware multiplies it natively (pick_precision), torch.compile
   where a probe shows it works (pick_compile), glibc told to keep freed memory for the next
-  training step (keep_freed_memory), a server's threads leaving a core to its clients
-  (leave_a_core); each returns what the banner prints
+  training step (keep_freed_memory), a server's threads (server_threads); each returns what the
+  banner prints
 
 Left out on purpose:
 - subcommands, config files and environment variables as config (STYLE.md section 6)
@@ -207,19 +207,18 @@ def keep_freed_memory(device: torch.device) -> str:
     return "allocator: freed memory kept for the next step (glibc mallopt)"
 
 
-def leave_a_core(device: torch.device) -> str:
-    """For a server on a CPU: torch computes on every usable CPU but one, left to the HTTP threads
-    and the clients (a browser, an API caller, often on the same machine); a line for the log."""
+def server_threads(device: torch.device) -> str:
+    """For a server on a CPU: torch computes on every usable CPU; a line for the log."""
     # One answer at a time, at batch 1: a token is a few vector-times-matrix products, bound by
-    # memory and Python more than by arithmetic, so a second thread adds little, while a client
-    # busy on a core the threads need stalls every op they share. Measured on 2 cores (bench.py
-    # serve): through the API at 0.84-0.93 of direct generate() with 2 threads, 0.93-0.94 with 1
-    # (and 0.91-1.00 vs 0.96-1.00 at nanochat's d6).
-    cpus = usable_cpus()
-    if device.type != "cpu" or cpus < 2:
-        return f"threads: {torch.get_num_threads()}"
-    torch.set_num_threads(cpus - 1)
-    return f"threads: {cpus - 1} of {cpus} CPUs (one left for the clients)"
+    # memory and Python more than by arithmetic. Whether a second thread pays depends on the CPU.
+    # Measured on 2 cores through the API (bench.py serve, --cpu shape / nanochat's d6): an AMD EPYC
+    # decoded as fast on one thread as on two, and one thread left the other core to the client
+    # (0.93 of direct generate() instead of 0.84-0.93); an Intel Xeon with AMX decoded 400-440 and
+    # 117 tok/s on one thread, 490 and 203 on two. Leaving a core costs that CPU 20-40%, sharing
+    # it costs the other about 5%: every CPU it is, as in training.
+    if device.type == "cpu":
+        torch.set_num_threads(usable_cpus())
+    return f"threads: {torch.get_num_threads()}"
 
 
 # --- errors a user can fix ---

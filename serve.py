@@ -50,7 +50,7 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from chat import render_for_completion
-from cli import keep_freed_memory, leave_a_core, pick_device, run_main
+from cli import keep_freed_memory, pick_device, run_main, server_threads
 from data import default_run_dir
 from sampler import (MAX_NEW_TOKENS, MAX_TEMPERATURE, MAX_TOP_K, PHASE_DIRS, SampleConfig,
                      decode_precision, generate, load_model, stop_at, stream_text)
@@ -481,7 +481,7 @@ def main(argv=None):
     except OSError as e:  # the port is taken, or the host is not an address of this machine
         raise OSError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from e
     precision = decode_precision(device)  # the one precision choice; every generate() gets it
-    machine = f"{leave_a_core(device)} | {keep_freed_memory(device)}"
+    machine = f"{server_threads(device)} | {keep_freed_memory(device)}"
     if server.allowed_hosts is None:
         print(f"serve: WARNING: {args.host} is open to the network, with no API key and no TLS")
     print(f"serve: loading the model from {run_dir} ... ({machine})", flush=True)

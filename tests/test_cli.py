@@ -134,18 +134,16 @@ print(default, faults())
     assert kept < 1_000, f"{kept} page faults with freed memory kept ({default} before): no effect"
 
 
-def test_cli_leave_a_core_for_the_clients():
-    """A server on a CPU computes on every usable CPU but one (at least one); on a GPU the CPU
-    threads stay as they were."""
+def test_cli_server_threads_take_every_usable_cpu():
+    """A server on a CPU computes on every usable CPU; on a GPU the CPU threads stay as they
+    were."""
     before = torch.get_num_threads()
-    cpus = cli.usable_cpus()
     try:
-        torch.set_num_threads(cpus)  # so that a change shows
-        line = cli.leave_a_core(torch.device("cpu"))
-        expected = cpus - 1 if cpus >= 2 else cpus
-        assert torch.get_num_threads() == expected, f"{torch.get_num_threads()} threads: {line}"
-        torch.set_num_threads(before)
-        cli.leave_a_core(torch.device("cuda"))  # only reads the count: no GPU is needed
-        assert torch.get_num_threads() == before, "a GPU server changed the CPU threads"
+        torch.set_num_threads(1)  # so that a change shows where there are several CPUs
+        line = cli.server_threads(torch.device("cpu"))
+        assert torch.get_num_threads() == cli.usable_cpus(), f"{torch.get_num_threads()}: {line}"
+        torch.set_num_threads(1)
+        cli.server_threads(torch.device("cuda"))  # only sets the count: no GPU is needed
+        assert torch.get_num_threads() == 1, "a GPU server changed the CPU threads"
     finally:
         torch.set_num_threads(before)
