@@ -13,8 +13,8 @@ Design:
   tokenizer (a bigger vocabulary packs more bytes into a token), bits per byte does not. Every
   target is scored, <|bos|> included; special tokens count 0 bytes, so the cost of predicting
   where a document ends is charged to its bytes. The val rows are the pinned shard, in order
-- samples and the benchmarks' answers are greedy (temperature 0): the same weights always write
-  the same text, so two checkpoints differ only because their weights do
+- samples and the benchmarks' answers are greedy (temperature 0, no penalty): the same weights
+  always write the same text, so two checkpoints differ only because their weights do
 - multiple choice (ARC, MMLU) is nanochat's: one forward pass over the question, and at the
   position after <|assistant_start|> only the logits of the choice letters are compared. One
   question per pass (no padded batch), so a result never depends on its neighbours
@@ -32,9 +32,9 @@ Design:
   the three multiple-choice tasks and 0 for the generated ones. SpellingBee stands beside it
   (nanochat OLD averaged it in, which lifted ChatCORE from about 0.09 to 0.27)
 - the chat-quality measure answers QUALITY_PROMPTS at the chat defaults (SampleConfig: temperature
-  0.6, top-k 50, 256 tokens; prompt i uses seed i) and counts answers that end by themselves,
-  repeated 4-grams, and answers caught in a training template nobody asked for; plus bits per
-  byte of the assistant's tokens on SmolTalk's test split
+  0.6, top-k 50, frequency penalty 0.5, 256 tokens; prompt i uses seed i; the summary names them)
+  and counts answers that end by themselves, repeated 4-grams, and answers caught in a training
+  template nobody asked for; plus bits per byte of the assistant's tokens on SmolTalk's test split
 
 Left out on purpose:
 - pass@k (nanochat's num_samples > 1): one greedy answer per problem
@@ -173,7 +173,7 @@ def user_turn(text: str) -> dict:
 
 def sample(model, tok, is_chat: bool, max_tokens: int, precision: str = "fp32") -> list:
     """Greedy [(prompt, text)]: continuations of BASE_PROMPTS, or answers to CHAT_PROMPTS."""
-    greedy = SampleConfig(temperature=0.0, max_tokens=max_tokens)
+    greedy = SampleConfig(temperature=0.0, max_tokens=max_tokens, frequency_penalty=0.0)
     out = []
     for prompt in CHAT_PROMPTS if is_chat else BASE_PROMPTS:
         # a chat model gets the prompt as a user turn and answers after <|assistant_start|>; a base
@@ -267,7 +267,7 @@ def evaluate_chat(model, tok, tasks: dict, precision: str = "fp32", max_tokens: 
     load_chat_tasks): examples i with i % world_size == rank. Sum the counts of all ranks
     (merge_counts), then call chat_summary once. Generated answers get at most max_tokens tokens
     (and the context). Rank 0 prints progress lines."""
-    greedy = SampleConfig(temperature=0.0, max_tokens=max_tokens)
+    greedy = SampleConfig(temperature=0.0, max_tokens=max_tokens, frequency_penalty=0.0)
     counts = {}
     for name, conversations in tasks.items():
         mine = range(rank, len(conversations), world_size)
@@ -418,9 +418,10 @@ def evaluate_quality(model, tok, smoltalk: list, precision: str = "fp32", rank: 
     return counts
 
 
-def quality_summary(counts: dict) -> dict:
+def quality_summary(counts: dict, config: SampleConfig = SampleConfig()) -> dict:
     """Summed counts -> {"prompts", "ended_share" (answers ending with <|assistant_end|>),
-    "repeat_share" (of token 4-grams), "template_share", "smoltalk_bpb", "samples"}."""
+    "repeat_share" (of token 4-grams), "template_share", "smoltalk_bpb", "samples"}, and the
+    settings `config` the answers were sampled at (evaluate_quality's)."""
     # every share is of answers, except repeats: a share of all the answers' 4-grams pooled
     # (answer_counts); max(.., 1) keeps a rank with no prompts from dividing by zero
     answers = max(counts["answers"], 1)
@@ -428,4 +429,5 @@ def quality_summary(counts: dict) -> dict:
             "repeat_share": counts["repeats"] / max(counts["ngrams"], 1),
             "template_share": counts["templated"] / answers,
             "smoltalk_bpb": counts["nats"] / (math.log(2) * max(counts["bytes"], 1)),
-            "samples": counts["samples"]}
+            "temperature": config.temperature, "top_k": config.top_k,
+            "frequency_penalty": config.frequency_penalty, "samples": counts["samples"]}
