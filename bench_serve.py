@@ -51,7 +51,9 @@ def _stream_times(port: int, text: str, max_tokens: int, stop_after=None):
     leave (close the connection) after that many chunks."""
     t0 = time.perf_counter()
     times = []
-    with _post_chat(port, text, stream=True, temperature=0, max_tokens=max_tokens) as response:
+    # greedy and no penalty, as the direct runs call generate(): the same work on both sides
+    with _post_chat(port, text, stream=True, temperature=0, frequency_penalty=0,
+                    max_tokens=max_tokens) as response:
         # server-sent events: a "data: {json}" line per chunk, each followed by a blank line
         for line in response:
             chunk = json.loads(line[6:]) if line.startswith(b"data: {") else {}
