@@ -22,8 +22,8 @@ Design:
   they print as one line. Every other exception is a bug and keeps its traceback.
 - the machine: bf16 where the hardware multiplies it natively (pick_precision), torch.compile
   where a probe shows it works (pick_compile), glibc told to keep freed memory for the next
-  training step (keep_freed_memory), a server's threads (server_threads); each returns what the
-  banner prints
+  training step (keep_freed_memory), a server's threads (set_server_threads); each returns
+  what the banner prints
 
 Left out on purpose:
 - subcommands, config files and environment variables as config (STYLE.md section 6)
@@ -207,15 +207,16 @@ def keep_freed_memory(device: torch.device) -> str:
     return "allocator: freed memory kept for the next step (glibc mallopt)"
 
 
-def server_threads(device: torch.device) -> str:
-    """For a server on a CPU: torch computes on every usable CPU; a line for the log."""
+def set_server_threads(device: torch.device) -> str:
+    """For a server on a CPU: torch computes on every usable CPU (on a GPU the count is left as
+    it is); a line for the log."""
     # One answer at a time, at batch 1: a token is a few vector-times-matrix products, bound by
-    # memory and Python more than by arithmetic. Whether a second thread pays depends on the CPU.
-    # Measured on 2 cores through the API (bench.py serve, --cpu shape / nanochat's d6): an AMD EPYC
-    # decoded as fast on one thread as on two, and one thread left the other core to the client
-    # (0.93 of direct generate() instead of 0.84-0.93); an Intel Xeon with AMX decoded 400-440 and
-    # 117 tok/s on one thread, 490 and 203 on two. Leaving a core costs that CPU 20-40%, sharing
-    # it costs the other about 5%: every CPU it is, as in training.
+    # memory and Python more than by arithmetic, and whether a second thread pays depends on the
+    # CPU. Measured on 2 cores (bench.py serve, the --cpu shape / nanochat's d6): on an AMD EPYC
+    # one thread decoded as fast as two, and through the API reached 0.93 of direct generate()
+    # against 0.84-0.93 with two; on an Intel Xeon with AMX the server decoded 400-440 / 117 tok/s
+    # through the API on one thread and 490 / 203 on two. Leaving a core free costs the Intel
+    # 15-40%, using both costs the AMD about 5%: every usable CPU, as training does.
     if device.type == "cpu":
         torch.set_num_threads(usable_cpus())
     return f"threads: {torch.get_num_threads()}"

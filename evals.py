@@ -171,9 +171,14 @@ def user_turn(text: str) -> dict:
     return {"messages": [{"role": "user", "content": text}]}
 
 
+def greedy_config(max_tokens: int) -> SampleConfig:
+    """The settings of every scored or sampled-for-the-log answer: greedy, no penalty."""
+    return SampleConfig(temperature=0.0, max_tokens=max_tokens, frequency_penalty=0.0)
+
+
 def sample(model, tok, is_chat: bool, max_tokens: int, precision: str = "fp32") -> list:
     """Greedy [(prompt, text)]: continuations of BASE_PROMPTS, or answers to CHAT_PROMPTS."""
-    greedy = SampleConfig(temperature=0.0, max_tokens=max_tokens, frequency_penalty=0.0)
+    greedy = greedy_config(max_tokens)
     out = []
     for prompt in CHAT_PROMPTS if is_chat else BASE_PROMPTS:
         # a chat model gets the prompt as a user turn and answers after <|assistant_start|>; a base
@@ -267,7 +272,7 @@ def evaluate_chat(model, tok, tasks: dict, precision: str = "fp32", max_tokens: 
     load_chat_tasks): examples i with i % world_size == rank. Sum the counts of all ranks
     (merge_counts), then call chat_summary once. Generated answers get at most max_tokens tokens
     (and the context). Rank 0 prints progress lines."""
-    greedy = SampleConfig(temperature=0.0, max_tokens=max_tokens, frequency_penalty=0.0)
+    greedy = greedy_config(max_tokens)
     counts = {}
     for name, conversations in tasks.items():
         mine = range(rank, len(conversations), world_size)
@@ -399,8 +404,9 @@ def evaluate_quality(model, tok, smoltalk: list, precision: str = "fp32", rank: 
     quality_summary."""
     counts = {"answers": 0, "ended": 0, "ngrams": 0, "repeats": 0, "templated": 0, "nats": 0.0,
               "bytes": 0, "samples": []}
-    # sampled, not greedy: that is how a user meets the model (tinychat.py and the web page use
-    # these defaults), and greedy decoding exaggerates loops. A seed per prompt keeps it repeatable
+    # sampled at `config`, not greedy: by default the settings tinychat.py and the web page use,
+    # which is how a user meets the model; greedy decoding exaggerates loops. A seed per prompt
+    # keeps it repeatable
     for i in range(rank, len(prompts), world_size):
         ids = complete(model, tok, render_for_completion(tok, user_turn(prompts[i])),
                        dataclasses.replace(config, seed=i), precision)

@@ -15,9 +15,10 @@ Design:
 - temperature 0 is argmax; otherwise softmax(logits / temperature) over the top_k largest logits,
   cut to the top_p nucleus when top_p < 1,
   drawn with a torch.Generator seeded by `seed`, so a (prompt, seed) pair always gives one answer.
-- OpenAI's frequency and presence penalties come first: each token's logit is lowered by
-  frequency_penalty per time the row has already written it, and by presence_penalty once if it
-  has written it at all. A small model loops ("a joke for a joke for a joke"); they push it on.
+- OpenAI's frequency and presence penalties act on the logits before temperature, top-k and
+  top-p: each token's logit is lowered by frequency_penalty per time the row has already written
+  it (forced calculator tokens count too), and by presence_penalty once if it has written it at
+  all. A small model loops ("a joke for a joke for a joke"); a penalty moves it on to other words.
 - each row samples its own first token. nanochat's OLD engine sampled it once and copied it to every
   row, so all num_samples answers began alike (pass@k evals were quietly weaker).
 - the calculator tool is a small per-row state machine: when the model writes <|python_start|>
@@ -30,9 +31,9 @@ Design:
   stream at stop strings (the API's `stop`), holding back any tail that may begin one.
 
 Left out on purpose:
-- min-p, llama.cpp's multiplicative repeat penalty and beam search: nanochat samples with
+- min-p, CTRL's multiplicative repetition penalty and beam search: nanochat samples with
   temperature and top-k only (top-p and the penalties are here because OpenAI-API clients of
-  serve.py send them; nanochat has none of these)
+  serve.py send them; a frequency penalty of 0.5 is also the chat default, see SampleConfig)
 - finished rows keep their slot in the batch (no shrinking of the cache); simpler, and the waste
   only exists at num_samples > 1
 - one prompt per call: no batching of different prompts (they would need padding and masks)
@@ -43,6 +44,8 @@ References:
 - Holtzman et al., The Curious Case of Neural Text Degeneration (why truncate the tail):
   https://arxiv.org/abs/1904.09751
 - Python's ast module: https://docs.python.org/3/library/ast.html
+- OpenAI's frequency and presence penalties:
+  https://platform.openai.com/docs/api-reference/chat/create
 """
 import ast
 import codecs
@@ -80,14 +83,15 @@ CALC_BINOPS = {
 @dataclass
 class SampleConfig:
     """How generate() picks tokens. The defaults are nanochat's chat settings (chat_cli.py) plus
-    a frequency penalty of 0.5, which nanochat does not have: on the --cpu run's SFT model (eval
-    phase's 24 prompts, README) it took repeated 4-grams from 60% to 16% of an answer's. The evals
-    score the model itself and pass 0."""
-    temperature: float = 0.6    # softmax temperature; 0 = greedy (always the likeliest token)
-    top_k: int | None = 50      # sample among the k likeliest tokens only; 0 or None = all
-    top_p: float = 1.0          # nucleus: the fewest likeliest tokens holding top_p of it; 1 = off
-    max_tokens: int = 256       # new tokens per answer at most, forced tool tokens included
-    seed: int = 42              # seeds the sampling generator: same prompt + seed = same answer
+    a frequency penalty of 0.5, which nanochat does not have: on the --cpu run's SFT model (the
+    eval phase's 24 prompts, README) it took repeated token 4-grams from 60% to 16% of all the
+    answers' 4-grams. The greedy evals (evals.sample, evaluate_chat) pass 0; the chat-quality
+    measure samples at these defaults."""
+    temperature: float = 0.6        # softmax temperature; 0 = greedy (likeliest after penalties)
+    top_k: int | None = 50          # sample among the k likeliest tokens only; 0 or None = all
+    top_p: float = 1.0              # nucleus: fewest likeliest tokens holding top_p of it; 1 = off
+    max_tokens: int = 256           # new tokens per answer at most, forced tool tokens included
+    seed: int = 42                  # seeds the sampling generator: same prompt + seed = same answer
     frequency_penalty: float = 0.5  # logit minus this per time the answer already has the token
     presence_penalty: float = 0.0   # logit minus this once if the answer already has the token
 
@@ -290,7 +294,8 @@ def generate(model, tok, ids, max_tokens, temperature=1.0, top_k=None, seed=42, 
     The stop token (<|assistant_end|> or <|bos|>) is yielded, so callers can see
     why a row stopped; afterwards that row's entries are None. The generator ends when every row
     has stopped, after max_tokens steps, or when prompt + answer fill the model's context.
-    A SampleConfig fits straight in: generate(model, tok, ids, **dataclasses.asdict(cfg)).
+    A SampleConfig fits straight in: generate(model, tok, ids, **dataclasses.asdict(cfg)). The
+    defaults here are plain sampling (penalties off); SampleConfig's are the chat's.
 
     Plan: 1) prefill the prompt at batch 1; 2) copy the cache to num_samples rows; 3) each step:
     lower the logits of tokens already written (the penalties), sample a token per row, replace it
@@ -334,18 +339,18 @@ def generate(model, tok, ids, max_tokens, temperature=1.0, top_k=None, seed=42, 
     del prefill
     logits = logits.expand(num_samples, -1)  # (B, V)
     rows = [_RowState() for _ in range(num_samples)]
-    is_penalized = frequency_penalty != 0 or presence_penalty != 0
-    written = torch.zeros(num_samples, logits.size(-1), device=device)  # (B, V) times per token
+    num_written = torch.zeros(num_samples, logits.size(-1), device=device)  # (B, V) per token
     # 3) one token per row per step
     for step in range(num_steps):
-        if is_penalized:  # OpenAI's formula, on what each row has written so far
-            logits = logits - frequency_penalty * written - presence_penalty * (written > 0)
+        # OpenAI's penalties, on what each row has written so far; at 0 they change nothing:
+        # logit[j] <- logit[j] - frequency_penalty * count[j] - presence_penalty * (count[j] > 0)
+        logits = (logits - frequency_penalty * num_written
+                  - presence_penalty * (num_written > 0))  # (B, V)
         sampled = _sample(logits, generator, temperature, top_k, top_p).tolist()
         tokens, masks = _next_column(rows, sampled, tok, special)
-        if is_penalized:
-            for row, token in enumerate(tokens):
-                if token is not None:
-                    written[row, token] += 1
+        for row, token in enumerate(tokens):
+            if token is not None:
+                num_written[row, token] += 1
         yield tokens, masks
         if step == num_steps - 1 or all(row.is_done for row in rows):
             return

@@ -19,6 +19,7 @@ Design:
 - a timeout on every socket read and write: a silent client loses its connection, and never holds
   the model, which is taken only once the whole body is read
 - the port opens before the model loads, so /health answers 503 while a big model loads
+- an omitted field takes tinychat's chat default (SampleConfig): frequency_penalty 0.5, not 0
 
 Left out on purpose:
 - keep-alive, chunked bodies (411), TLS, API keys (any key is accepted; 127.0.0.1 unless --host
@@ -50,7 +51,7 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from chat import render_for_completion
-from cli import keep_freed_memory, pick_device, run_main, server_threads
+from cli import keep_freed_memory, pick_device, run_main, set_server_threads
 from data import default_run_dir
 from sampler import (MAX_NEW_TOKENS, MAX_TEMPERATURE, MAX_TOP_K, PHASE_DIRS, SampleConfig,
                      decode_precision, generate, load_model, stop_at, stream_text)
@@ -481,7 +482,7 @@ def main(argv=None):
     except OSError as e:  # the port is taken, or the host is not an address of this machine
         raise OSError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from e
     precision = decode_precision(device)  # the one precision choice; every generate() gets it
-    machine = f"{server_threads(device)} | {keep_freed_memory(device)}"
+    machine = f"{set_server_threads(device)} | {keep_freed_memory(device)}"
     if server.allowed_hosts is None:
         print(f"serve: WARNING: {args.host} is open to the network, with no API key and no TLS")
     print(f"serve: loading the model from {run_dir} ... ({machine})", flush=True)

@@ -104,7 +104,8 @@ def main(argv=None):
                         help="which model to load (default: the newest of sft, mid, base)")
     parser.add_argument("--run-dir", default=None,
                         help=f"run directory of train_all.py (default: {default_run_dir()})")
-    # -t, -k, --top-p, --max-tokens, --seed: sampler.SampleConfig's fields, declared once there
+    # -t, -k, --top-p, --max-tokens, --seed, --frequency-penalty, --presence-penalty:
+    # sampler.SampleConfig's fields, declared once there
     add_config_args(parser, SampleConfig, short={"temperature": "-t", "top_k": "-k"})
     args = parser.parse_args(argv)
     cfg = config_from_args(args, SampleConfig)

@@ -134,16 +134,16 @@ print(default, faults())
     assert kept < 1_000, f"{kept} page faults with freed memory kept ({default} before): no effect"
 
 
-def test_cli_server_threads_take_every_usable_cpu():
+def test_cli_set_server_threads_takes_every_usable_cpu():
     """A server on a CPU computes on every usable CPU; on a GPU the CPU threads stay as they
     were."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # so that a change shows where there are several CPUs
-        line = cli.server_threads(torch.device("cpu"))
+        line = cli.set_server_threads(torch.device("cpu"))
         assert torch.get_num_threads() == cli.usable_cpus(), f"{torch.get_num_threads()}: {line}"
         torch.set_num_threads(1)
-        cli.server_threads(torch.device("cuda"))  # only sets the count: no GPU is needed
+        cli.set_server_threads(torch.device("cuda"))  # only reads the count: no GPU is needed
         assert torch.get_num_threads() == 1, "a GPU server changed the CPU threads"
     finally:
         torch.set_num_threads(before)

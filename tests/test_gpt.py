@@ -74,10 +74,13 @@ def test_gpt_kv_cache_matches_full_forward():
         with torch.no_grad():
             prefill = KVCache(2, model.config, max_len=16)
             last = model(ids[:, :9], kv_cache=prefill, last_only=True)  # (B, 1, V)
-        assert last.shape == (2, 1, 64), f"last_only gave shape {tuple(last.shape)}, not (2, 1, 64)"
-        assert (last[:, 0] - full[:, 8]).abs().max().item() < 1e-4, "last_only logits differ"
-        assert torch.allclose(prefill.k[:, :, :, :9], cache.k[:, :, :, :9], atol=1e-5), (
-            "a last_only prefill must fill the cache as a full forward does")
+        assert last.shape == (2, 1, 64), f"last_only gave {tuple(last.shape)}, not (2, 1, 64)"
+        assert (last[:, 0] - full[:, 8]).abs().max().item() < 1e-4, (
+            "last_only logits differ from the full forward's column 8: check the slice before norm")
+        assert prefill.pos == 9 and all(
+            torch.allclose(a[:, :, :, :9], b[:, :, :, :9], atol=1e-5)
+            for a, b in ((prefill.k, cache.k), (prefill.v, cache.v))), (
+            "a last_only prefill must fill the cache (keys, values, pos) as a full forward does")
 
 
 def test_gpt_loss_ignores_minus_one():

@@ -152,8 +152,10 @@ def test_sampler_penalties_lower_what_was_written():
     # frequency 0.5: "a" scores 1.5, 1.0, 0.5, then 0, a tie that the first zero (byte 0) wins;
     # byte 0 then scores -0.5 and byte 1 wins, and so on
     assert greedy(frequency_penalty=0.5) == b"aaa\x00\x01\x02", greedy(frequency_penalty=0.5)
-    # presence 2 > 1.5: a written token falls below every unwritten one at once
+    # presence 2 > 1.5: a written token falls below every unwritten one at once; presence 1 lowers
+    # "a" to 0.5 however often it was written (a per-count penalty would let byte 0 win by step 3)
     assert greedy(presence_penalty=2.0) == b"a\x00\x01\x02\x03\x04", greedy(presence_penalty=2.0)
+    assert greedy(presence_penalty=1.0) == b"aaaaaa", greedy(presence_penalty=1.0)
     for name in ("frequency_penalty", "presence_penalty"):
         try:
             SampleConfig(**{name: 2.5})

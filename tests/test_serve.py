@@ -111,7 +111,8 @@ def test_serve_chat_and_completions_in_openai_shapes():
 
 
 def test_serve_openai_client():
-    """The official openai client works unchanged: models, chat (whole, streamed), completions."""
+    """The official openai client works unchanged: models, chat (whole, streamed), completions,
+    a penalty."""
     try:
         import openai
     except ImportError:
@@ -135,6 +136,11 @@ def test_serve_openai_client():
         assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens, chunks[-1]
         completion = client.completions.create(model="tinychat", prompt="The cat", max_tokens=4)
         assert isinstance(completion.choices[0].text, str), completion
+        # OpenAI's penalties reach the sampler: a negative one makes the first token repeat
+        answers = [client.chat.completions.create(
+            model="tinychat", messages=messages, temperature=0, max_tokens=24,
+            frequency_penalty=penalty).choices[0].message.content for penalty in (0, -2)]
+        assert answers[0] != answers[1], f"frequency_penalty -2 changed nothing: {answers}"
         try:
             client.chat.completions.create(model="tinychat", messages=messages, n=2)
             raise AssertionError("n=2 was accepted")
