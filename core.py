@@ -43,6 +43,7 @@ References:
 import csv
 import io
 import json
+import math
 import os
 import random
 import time
@@ -311,9 +312,10 @@ def evaluate_example(model, tok, task: dict, idx: int, max_len: int, device,
 # --- CORE over the bundle ---
 
 def core_summary(per_task_counts: dict, baselines: dict) -> dict:
-    """{"core", "num_tasks", "num_examples", "tasks": {label: {"correct", "total", "cropped",
-    "accuracy", "centered", "baseline"}}} from counts {label: {"correct", "total", "cropped"}}
-    (summed over ranks) and baselines {label: random-guess accuracy as a fraction}."""
+    """{"core", "interval", "num_tasks", "num_examples", "tasks": {label: {"correct", "total",
+    "cropped", "accuracy", "centered", "baseline"}}} from counts {label: {"correct", "total",
+    "cropped"}} (summed over ranks) and baselines {label: random-guess accuracy as a fraction}.
+    "interval" is CORE's 95% interval [low, high] from the tasks' sampling noise."""
     tasks = {}
     for label, c in per_task_counts.items():
         accuracy = c["correct"] / c["total"] if c["total"] else 0.0
@@ -323,7 +325,13 @@ def core_summary(per_task_counts: dict, baselines: dict) -> dict:
         centered = (accuracy - b) / (1 - b)
         tasks[label] = {**c, "accuracy": accuracy, "centered": centered, "baseline": b}
     core = sum(t["centered"] for t in tasks.values()) / max(len(tasks), 1)
-    return {"core": core, "num_tasks": len(tasks),
+    # CORE is a mean of K independent tasks' (acc - b) / (1 - b); a task's accuracy over n
+    # examples has variance p (1 - p) / n, so CORE's is sum of p (1 - p) / (n (1 - b)^2) over K^2
+    # (normal approximation; a task at 0 or 1 adds nothing, its Wilson interval still shows it)
+    variance = sum(t["accuracy"] * (1 - t["accuracy"]) / max(t["total"], 1)
+                   / (1 - t["baseline"]) ** 2 for t in tasks.values()) / max(len(tasks), 1) ** 2
+    half = 1.96 * math.sqrt(variance)
+    return {"core": core, "interval": [core - half, core + half], "num_tasks": len(tasks),
             "num_examples": sum(t["total"] for t in tasks.values()), "tasks": tasks}
 
 
@@ -336,8 +344,9 @@ def core_lines(summary: dict) -> list:
         lines.append(f"core | {label:<32} | {t['correct']:>5,}/{t['total']:<5,} | "
                      f"acc {t['accuracy']:.3f} [{low:.2f}, {high:.2f}] | "
                      f"centered {t['centered']:+.3f} | cropped {t['cropped']}")
-    lines.append(f"core | CORE {summary['core']:.4f} = mean centered accuracy of "
-                 f"{summary['num_tasks']} tasks, {summary['num_examples']:,} examples | "
+    low, high = summary["interval"]
+    lines.append(f"core | CORE {summary['core']:.4f} [{low:.4f}, {high:.4f}] = mean centered "
+                 f"accuracy of {summary['num_tasks']} tasks, {summary['num_examples']:,} examples | "
                  f"{CORE_NOTE}")
     return lines
 

@@ -128,14 +128,15 @@ def accuracy_entry(correct: int, total: int, too_long: int = 0) -> dict:
 def model_metrics(result: dict) -> dict:
     """One model's summary numbers {metric: entry} from its eval.json part; each entry has a
     "value" and what the cell shows beside it (examples and interval, tasks, tokens)."""
-    # CORE and ChatCORE are means over tasks, each task with its own examples: an interval of
-    # the mean would need per-task variances, so their cells name the tasks (and examples)
-    # instead, and the per-task tables below carry the intervals
+    # CORE and ChatCORE are means over tasks, each task with its own examples: their cells name
+    # the tasks (and examples), CORE's adds the interval core.core_summary computed from the
+    # tasks' variances, and the per-task tables below carry each task's interval
     metrics = {}
     core = result.get("core")
     if core:
         metrics["CORE"] = {"value": core["core"], "tasks": core["num_tasks"],
-                           "total": sum(t["total"] for t in core["tasks"].values())}
+                           "total": sum(t["total"] for t in core["tasks"].values()),
+                           "interval": core.get("interval")}  # None in an older eval.json
     chat = result.get("chat", {})
     tasks = chat.get("tasks", {})
     for task in CHAT_TASKS:
@@ -153,7 +154,8 @@ def model_metrics(result: dict) -> dict:
 
 
 def format_cell(entry) -> str:
-    """A summary cell: '0.2800 (0.22-0.35, n=200)', '0.0123 (18 tasks, 900 ex)', or '-'."""
+    """A summary cell: '0.2800 (0.22-0.35, n=200)', '0.0123 (-0.010 to +0.035, 18 tasks,
+    900 ex)', or '-'."""
     # the kind of entry decides the cell: an accuracy has an interval ("low"), val bpb its
     # tokens, CORE and ChatCORE their tasks
     if entry is None:
@@ -165,7 +167,8 @@ def format_cell(entry) -> str:
     if "tokens" in entry:
         return f"{entry['value']:.4f} ({entry['tokens']:,} tokens)"
     examples = f", {entry['total']:,} ex" if "total" in entry else ""
-    return f"{entry['value']:.4f} ({entry['tasks']} tasks{examples})"
+    interval = "{:+.3f} to {:+.3f}, ".format(*entry["interval"]) if entry.get("interval") else ""
+    return f"{entry['value']:.4f} ({interval}{entry['tasks']} tasks{examples})"
 
 
 # --- the tables ---

@@ -163,13 +163,17 @@ def test_core_crop_left_keeps_scored_tokens():
 
 
 def test_core_summary_known_values():
-    """Centered accuracy (acc - b)/(1 - b) and CORE as their mean, on hand-computed numbers."""
+    """Centered accuracy (acc - b)/(1 - b), CORE as their mean and its 95% interval, on
+    hand-computed numbers."""
     counts = {"a": {"correct": 8, "total": 10, "cropped": 1},
               "b": {"correct": 1, "total": 4, "cropped": 0}}
     s = core_summary(counts, {"a": 0.5, "b": 0.25})
     centered = [s["tasks"][k]["centered"] for k in "ab"]
     assert abs(centered[0] - 0.6) < 1e-9 and abs(centered[1]) < 1e-9, f"centered {centered}"
     assert abs(s["core"] - 0.3) < 1e-9 and s["num_tasks"] == 2 and s["num_examples"] == 14, s
+    # variance (0.8 * 0.2 / 10 / 0.5**2 + 0.25 * 0.75 / 4 / 0.75**2) / 2**2 = 0.0368333
+    half = 1.96 * 0.0368333 ** 0.5  # 0.3762
+    assert all(abs(a - b) < 1e-4 for a, b in zip(s["interval"], (0.3 - half, 0.3 + half))), s
     lines = core_lines(s)
     assert "2 tasks" in lines[-1] and CORE_NOTE in lines[-1], "CORE must say what it averages"
     assert "8/10" in lines[0] and "cropped 1" in lines[0], f"per-task line: {lines[0]}"

@@ -11,7 +11,7 @@ from report import CORE_NOTE, cpu_info, summary_table, wilson_interval, write_re
 # a hand-made eval.json: CORE on the base model, some chat evals on MID, nothing on SFT but bpb
 EVAL = {
     "pretrain": {"val_bpb": 1.23456, "val_tokens": 65_536, "samples": [["The sky", " is\nblue"]],
-                 "core": {"core": 0.05, "num_tasks": 2, "tasks": {
+                 "core": {"core": 0.05, "interval": [-0.1, 0.2], "num_tasks": 2, "tasks": {
                      "arc_easy": {"correct": 9, "total": 20, "cropped": 0, "accuracy": 0.45,
                                   "centered": 0.2667},
                      "boolq": {"correct": 6, "total": 10, "cropped": 3, "accuracy": 0.6,
@@ -46,7 +46,7 @@ def test_report_summary_table_cells():
     rows = {row[0]: row[1:] for row in cells}
     assert list(rows) == ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval",
                           "SpellingBee", "ChatCORE", "val bpb"], f"nanochat's order: {list(rows)}"
-    assert rows["CORE"] == ["0.0500 (2 tasks, 30 ex)", "-", "-"], rows["CORE"]
+    assert rows["CORE"] == ["0.0500 (-0.100 to +0.200, 2 tasks, 30 ex)", "-", "-"], rows["CORE"]
     assert rows["ARC-Easy"] == ["-", "0.5000 (0.30-0.70, n=20)", "-"], rows["ARC-Easy"]
     assert rows["GSM8K"][1] == "0.0000 (0.00-0.32, n=8, 2 too long)", "too-long problems must show"
     assert rows["MMLU"] == ["-", "-", "-"] and rows["ChatCORE"][1] == "0.0123 (2 tasks)", rows
@@ -77,7 +77,8 @@ def test_report_files_from_hand_made_eval_json():
                  "| ended_share | - | 0.5000 | - |", "| prompts | - | 4 | - |",
                  "- 'Joke?' -> 'x' [identity]", "- cpu_model: Test CPU", r"-> ' is\nblue'"):
         assert text in md, f"report.md lacks {text!r}"
-    assert summary["CORE"]["BASE"] == {"value": 0.05, "tasks": 2, "total": 30}, summary["CORE"]
+    assert summary["CORE"]["BASE"] == {"value": 0.05, "tasks": 2, "total": 30,
+                                       "interval": [-0.1, 0.2]}, summary["CORE"]
 
 
 def test_report_cpu_info():
