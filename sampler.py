@@ -248,6 +248,8 @@ class _RowState:
     expr: list | None = None
     # emitted <|assistant_end|> or <|bos|>
     is_done: bool = False
+    # the token ids it has written (a presence penalty lowers each once)
+    written: set = field(default_factory=set)
 
 
 def _advance(row, token, tok, special):
@@ -339,18 +341,20 @@ def generate(model, tok, ids, max_tokens, temperature=1.0, top_k=None, seed=42, 
     del prefill
     logits = logits.expand(num_samples, -1)  # (B, V)
     rows = [_RowState() for _ in range(num_samples)]
-    num_written = torch.zeros(num_samples, logits.size(-1), device=device)  # (B, V) per token
+    # OpenAI's penalties, on what each row has written so far: logit[j] is lowered by
+    # frequency_penalty * count[j] + presence_penalty * (count[j] > 0). The sum is kept as it grows,
+    # one token at a time, so a step subtracts one (B, V) tensor (zeros when both are 0)
+    lowered = torch.zeros(num_samples, logits.size(-1), device=device)  # (B, V)
     # 3) one token per row per step
     for step in range(num_steps):
-        # OpenAI's penalties, on what each row has written so far; at 0 they change nothing:
-        # logit[j] <- logit[j] - frequency_penalty * count[j] - presence_penalty * (count[j] > 0)
-        logits = (logits - frequency_penalty * num_written
-                  - presence_penalty * (num_written > 0))  # (B, V)
+        logits = logits - lowered  # (B, V)
         sampled = _sample(logits, generator, temperature, top_k, top_p).tolist()
         tokens, masks = _next_column(rows, sampled, tok, special)
-        for row, token in enumerate(tokens):
+        for i, (row, token) in enumerate(zip(rows, tokens)):
             if token is not None:
-                num_written[row, token] += 1
+                is_new = token not in row.written
+                lowered[i, token] += frequency_penalty + presence_penalty * is_new
+                row.written.add(token)
         yield tokens, masks
         if step == num_steps - 1 or all(row.is_done for row in rows):
             return
