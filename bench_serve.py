@@ -4,13 +4,17 @@ from outside over HTTP, against calling sampler.generate() directly.
 
 Imported by bench.py's serve subcommand only (an entry point's part, like bench.py itself): it
 starts `python serve.py` in a subprocess with a fresh GPT saved in a temporary run dir, talks to
-it with http.client, and prints each figure through the emit() it is given.
+it over sockets (http.client; a bare socket reads the streams), and prints each figure through
+the emit() it is given.
 
 Design:
 - API and direct runs alternate round by round, so that a shared machine's noise hits both, and
   the figures are medians with every round printed beside them
 - two shapes: the --cpu preset's (depth 4, vocab 8,192) and nanochat's CPU run's (depth 6, vocab
   32,768); a fresh GPT's lm_head is zero, so greedy answers never stop early
+- two clients of the API: one notes each token's arrival as it comes (what a user sees); on 2
+  cores its own CPU time is taken from the server's decoding, so a quiet one that reads every
+  50 ms is timed too, by the decode speed serve.py logs: the server's own cost
 - a client that leaves after 3 chunks, then the time until the next one-token answer is back:
   how fast the server notices and frees the model
 - 4 clients at once (a barrier lines them up): each gets a whole answer or a 503 with Retry-After
@@ -25,6 +29,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,27 +51,46 @@ def _post_chat(port: int, text: str, **fields):
     return conn.getresponse()
 
 
-def _stream_times(port: int, text: str, max_tokens: int, stop_after=None):
+# a chunk that carries generated text (the first chunk's delta is {"role": ..., "content": ""})
+CONTENT_CHUNK = re.compile(rb'"delta": \{"content": ')
+
+
+def _stream_times(port: int, text: str, max_tokens: int, stop_after=None, read_every=0.0):
     """A streamed greedy answer: (send time, arrival time of each content chunk). stop_after:
-    leave (close the connection) after that many chunks."""
-    t0 = time.perf_counter()
-    times = []
+    leave (close the connection) after that many chunks; read_every: sleep that many seconds
+    before each read (a quiet client: its arrival times are that coarse)."""
     # greedy and no penalty, as the direct runs call generate(): the same work on both sides
-    with _post_chat(port, text, stream=True, temperature=0, frequency_penalty=0,
-                    max_tokens=max_tokens) as response:
-        # server-sent events: a "data: {json}" line per chunk, each followed by a blank line
-        for line in response:
-            chunk = json.loads(line[6:]) if line.startswith(b"data: {") else {}
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                times.append(time.perf_counter())
-            if len(times) == stop_after:
+    body = json.dumps({"messages": [{"role": "user", "content": text}], "stream": True,
+                       "temperature": 0, "frequency_penalty": 0, "max_tokens": max_tokens})
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}")
+    # NOTE: the client does nothing per chunk but recv() and note the time, and parses after the
+    # answer: on 2 cores every microsecond it computes is taken from the server's decoding
+    # (http.client and json.loads per chunk cost the API about 5% of its measured speed)
+    arrivals, received = [], b""  # (time, total bytes so far) after each recv()
+    with socket.create_connection(("127.0.0.1", port), timeout=600) as sock:
+        t0 = time.perf_counter()
+        sock.sendall(request.encode())
+        while True:
+            time.sleep(read_every)
+            if not (data := sock.recv(1 << 16)):
                 break
-    return t0, times
+            received += data
+            arrivals.append((time.perf_counter(), len(received)))
+            if b"data: [DONE]" in data or (stop_after and
+                                           len(CONTENT_CHUNK.findall(received)) >= stop_after):
+                break
+    if received.split(b" ", 2)[1:2] != [b"200"]:  # "HTTP/1.0 200 OK ..."
+        raise RuntimeError(f"serve.py answered {received[:200]!r}")
+    # each chunk arrived with the recv() that brought its last byte
+    ends = [m.end() for m in CONTENT_CHUNK.finditer(received)][:stop_after]
+    return t0, [next(t for t, size in arrivals if size >= end) for end in ends]
 
 
 def _start_server(config, device):
     """`python serve.py` in a subprocess, serving a fresh GPT of `config` (and the byte-level
-    tokenizer) from a temp run dir on `device`; returns (process, port, precision, run_dir)."""
+    tokenizer) from a temp run dir on `device`; returns (process, port, precision, run_dir, the
+    queue of its log lines)."""
     import torch
     from gpt import GPT, save_checkpoint
     run_dir = tempfile.mkdtemp(prefix="tinychat-bench-serve-")
@@ -84,7 +108,15 @@ def _start_server(config, device):
     found = None
     while found is None:
         found = re.search(r"(bf16|fp32), answers at http://127.0.0.1:(\d+)", lines.get(timeout=120))
-    return server, int(found.group(2)), found.group(1), run_dir
+    return server, int(found.group(2)), found.group(1), run_dir, lines
+
+
+def _logged_speed(lines) -> float:
+    """The decode speed serve.py logged for the answer it has just written (its own clock)."""
+    # NOTE: this reads serve.py's "... 128 tokens (512.3 tok/s), finish_reason ...": keep in step
+    while not (found := re.search(r"tokens \(([\d.]+) tok/s\)", lines.get(timeout=600))):
+        pass
+    return float(found.group(1))
 
 
 def _four_clients(port: int, text: str) -> list:
@@ -116,13 +148,19 @@ def bench_serve(args, emit):
     # the shapes of the --cpu preset and of nanochat's CPU run (d6)
     for depth, seq_len, vocab_size in ((4, 256, 8192), (6, 512, 32768)):
         config = config_from_depth(depth, vocab_size, seq_len, head_dim=64)
-        server, port, precision, run_dir = _start_server(config, device.type)
+        server, port, precision, run_dir, log = _start_server(config, device.type)
         model, _ = load_checkpoint(os.path.join(run_dir, "sft"), device)
         new_tokens = min(args.new_tokens, seq_len - len(ids))
         runs = {"api": [], "direct": []}  # (start time, each token's arrival time) per round
+        logged = {"api": [], "quiet": []}  # the server's own tok/s for those answers
         # API and direct runs alternate, so that the machine's noise hits both; round 0 warms up
         for _ in range(args.repeats + 1):
             runs["api"].append(_stream_times(port, text, new_tokens))
+            logged["api"].append(_logged_speed(log))
+            # a client reading each token as it comes takes CPU time from the server on 2 cores;
+            # one that reads every 50 ms (as if on another machine) leaves the server on its own
+            _stream_times(port, text, new_tokens, read_every=0.05)
+            logged["quiet"].append(_logged_speed(log))
             t0 = time.perf_counter()
             tokens = generate(model, tok, ids, new_tokens, temperature=0.0, precision=precision)
             runs["direct"].append((t0, [time.perf_counter() for _ in tokens]))
@@ -131,13 +169,18 @@ def bench_serve(args, emit):
         speeds = {k: [(len(ts) - 1) / (ts[-1] - ts[0]) for _, ts in v] for k, v in runs.items()}
         ttft = {k: median(v[1:]) * 1000 for k, v in ttfts.items()}
         speed = {k: median(v[1:]) for k, v in speeds.items()}
+        speed_logged = {k: median(v[1:]) for k, v in logged.items()}
         emit(bench="serve", depth=depth, seq_len=seq_len, vocab_size=vocab_size,
              precision=precision, prompt_tokens=len(ids), new_tokens=new_tokens,
              repeats=args.repeats,
              ttft_ms_api=round(ttft["api"], 1), ttft_ms_direct=round(ttft["direct"], 1),
              tok_per_sec_api=round(speed["api"], 1), tok_per_sec_direct=round(speed["direct"], 1),
              api_over_direct=round(speed["api"] / speed["direct"], 3),
-             rounds_tok_per_sec={k: [round(x) for x in v] for k, v in speeds.items()})
+             tok_per_sec_server_log=round(speed_logged["api"], 1),
+             tok_per_sec_quiet_client=round(speed_logged["quiet"], 1),
+             quiet_client_over_direct=round(speed_logged["quiet"] / speed["direct"], 3),
+             rounds_tok_per_sec={k: [round(x) for x in v] for k, v in speeds.items()},
+             rounds_quiet_tok_per_sec=[round(x) for x in logged["quiet"]])
         # a client leaves after 3 chunks (setup): how long until the next one-token answer is back
         waits = []
         for _ in range(args.repeats):

@@ -18,7 +18,8 @@ Design:
   resolves its own name to 127.0.0.1 to read the answers. No CORS headers at all
 - a timeout on every socket read and write: a silent client loses its connection, and never holds
   the model, which is taken only once the whole body is read
-- the port opens before the model loads, so /health answers 503 while a big model loads
+- the port opens, then the model loads on a thread that ends (/health: 503 until then): the main
+  thread never computes. A second OpenMP worker pool made decoding 3x slower (190 tok/s, not 558)
 - an omitted field takes tinychat's chat default (SampleConfig): frequency_penalty 0.5, not 0
 
 Left out on purpose:
@@ -33,7 +34,6 @@ References:
 
 Examples:
     python serve.py
-    python serve.py --phase mid --port 8080
     curl -N localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "hi"}], "stream": true}'
 """
@@ -64,7 +64,6 @@ MAX_TOTAL_CHARS = 32_000    # characters in all the messages of a request
 MAX_STOP_STRINGS = 4        # OpenAI's limit on `stop`
 MAX_STOP_CHARS = 64         # characters in one stop string
 MAX_SEED = 2**63 - 1        # seeds 0..2**63-1: a range every torch.Generator takes
-# Waiting and timeouts.
 MAX_WAITING = 2             # requests that may wait while one generates; the next get 503
 RETRY_AFTER_S = 1           # a 503's Retry-After; the openai client waits that long and retries
 SOCKET_TIMEOUT_S = 10       # bound on any one read or write of a connection; then it is dropped
@@ -73,8 +72,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 UI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
 ROUTES = {"/": "GET", "/health": "GET", "/v1/models": "GET",  # path -> the method it takes
           "/v1/chat/completions": "POST", "/v1/completions": "POST"}
-# The page runs its own inline script and style and talks to this server only: no outside
-# scripts, fonts or images, and no framing by other sites.
+# The page's own inline script and style, talking to this server only; no framing by other sites.
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
             "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
             "frame-ancestors 'none'")
@@ -347,6 +345,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             usage["completion_tokens"] += 1
             usage["total_tokens"] += 1
+            record["times"].append(time.perf_counter())  # when each token came
             yield step[0]
         record["finish_reason"] = "length"  # max_tokens, or the context is full
 
@@ -358,7 +357,7 @@ class Handler(BaseHTTPRequestHandler):
                                 f"{seq_len:,} (prompt and answer); shorten the conversation or "
                                 f"start a new one", "context_length_exceeded")
         usage = {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
-        record = {"usage": usage, "finish_reason": None}  # None until the generation ends
+        record = {"usage": usage, "finish_reason": None, "times": []}  # None: still generating
         head = {"id": ("chatcmpl-" if is_chat else "cmpl-") + secrets.token_hex(12),
                 "object": "chat.completion" if is_chat else "text_completion",
                 "created": int(time.time()), "model": server.model_id}
@@ -372,8 +371,9 @@ class Handler(BaseHTTPRequestHandler):
                 record["finish_reason"] = record["finish_reason"] or "stop"  # None: a stop string
             finally:  # the log records how each generation ended (the tests read it)
                 record["finish_reason"] = record["finish_reason"] or "disconnect"
-                self.log_message("%d tokens, finish_reason %s", usage["completion_tokens"],
-                                 record["finish_reason"])
+                n, t = usage["completion_tokens"], record["times"]  # tok/s after the first token
+                self.log_message("%d tokens (%.1f tok/s), finish_reason %s", n,
+                                 (n - 1) / (t[-1] - t[0]) if n > 2 else 0, record["finish_reason"])
         if record["finish_reason"] == "disconnect":
             raise ClientGone()
         choice = {"index": 0, "finish_reason": record["finish_reason"], "logprobs": None}
