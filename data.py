@@ -18,8 +18,9 @@ Design:
   changes; training then reads it with np.memmap and never spends a core on tokenizing
 - pretraining rows are windows of the token stream (documents concatenated, each starting with
   <|bos|>), visited in a shuffled order per epoch; the state {"epoch", "row"} resumes exactly
-- chat data: midtraining streams rendered conversations and trains every token; SFT puts one
-  conversation per row, cut to fit, and trains only the assistant's tokens (tasks.py makes them)
+- chat data: midtraining streams rendered conversations and trains every token (mixed with
+  pretraining text by tasks.with_text_replay); SFT puts one conversation per row, cut to fit, and
+  trains only the assistant's tokens (tasks.py makes them)
 - download and tokenize progress goes through cli.Progress, the one progress printer
 
 Left out on purpose:

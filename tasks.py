@@ -1,8 +1,9 @@
 """
 The task datasets of midtraining, SFT and the chat evals, each as a list of conversations.
 
-Used by train_all.py (midtrain_conversations, sft_conversations) and evals.py (ARC, MMLU, GSM8K,
-HumanEval, SpellingBee); imports data.py, whose download phase fetched the parquet files.
+Used by train_all.py (midtrain_conversations, sft_conversations, with_text_replay) and evals.py
+(ARC, MMLU, GSM8K, HumanEval, SpellingBee); imports data.py, whose download phase fetched the
+parquet files.
 A conversation is the dict that chat.render_conversation takes,
 {"messages": [{"role", "content"}, ...]}, plus the keys an eval needs.
 
@@ -15,6 +16,8 @@ Design:
   "24": the model learns to call the tool, and the sampler (sampler.py) pastes in the result
 - a mixture is a concatenation shuffled with random.Random(42); listing a dataset twice trains it
   twice per epoch (nanochat's TaskMixture semantics, without the index bookkeeping)
+- midtraining also replays pretraining text (with_text_replay): every third micro-batch is plain
+  prose, so learning to chat does not erase what the base model knew about English
 - SpellingBee / SimpleSpelling examples are drawn from random.Random(index) for train and
   Random(-(index+1)) for test, as nanochat, so the two splits never share a draw
 
@@ -310,3 +313,25 @@ def sft_conversations(run_dir: str, split: str = "train") -> list:
                          load_task(run_dir, "gsm8k-train")[:600],
                          chats, identity, identity, identity, identity,
                          simple_spelling(words, 150), spelling_bee(words, 150)])
+
+
+def with_text_replay(chat_batches, text_batches, text_every: int, state=None):
+    """Yield (x, y, state) forever: the micro-batches of chat_batches, except that every
+    text_every-th one comes from text_batches (pretraining text) instead; 0 = never.
+
+    Both arguments are functions state -> batch generator (midtrain_batches, pretrain_batches with
+    their other arguments bound). state = {"i", "chat", "text"}: micro-batches yielded so far and
+    each stream's own state; passing it back resumes exactly.
+    """
+    # Replay: a model trained on chats alone overwrites what pretraining taught it about prose.
+    # Measured on the --cpu run's base (335 midtraining + 302 SFT steps): with every third
+    # micro-batch pretraining text, midtraining left the val bpb at 1.23 instead of 1.89, and the
+    # SFT model's bpb on SmolTalk's answers fell from 1.37 to 1.28 (README, the chat mixtures)
+    state = state or {"i": 0, "chat": None, "text": None}
+    i, states = state["i"], {"chat": state["chat"], "text": state["text"]}
+    streams = {"chat": chat_batches(states["chat"]), "text": text_batches(states["text"])}
+    while True:
+        kind = "text" if text_every and i % text_every == text_every - 1 else "chat"
+        x, y, states[kind] = next(streams[kind])
+        i += 1
+        yield x, y, {"i": i, **states}

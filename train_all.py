@@ -21,7 +21,6 @@ Design:
   CORE and the chat evals that are left at -1 from a timed probe, to fit what is left of it
 - under torchrun every rank trains on its share of the data and scores its share of the eval
   examples; counts are summed over ranks, so results do not depend on the number of processes
-
 - device, precision and torch.compile are decided once, in make_runtime (compile: where a probe
   shows it works, --compile to force either; cli.pick_compile), and shown in the banner
 
@@ -60,7 +59,7 @@ from gpt import GPT, config_from_depth, load_checkpoint
 from report import (HONESTY, environment, read_json, record_phase, stale_message, write_atomic,
                     write_report)
 from sampler import decode_precision
-from tasks import load_task, midtrain_conversations, sft_conversations
+from tasks import load_task, midtrain_conversations, sft_conversations, with_text_replay
 from train import Runtime, TrainConfig, compiled, train
 
 PHASES = ["download", "tokenizer", "tokenize", "pretrain", "midtrain", "sft", "eval", "report"]
@@ -114,6 +113,7 @@ class MidtrainConfig(TrainConfig):
     seq_len: int = 512           # tokens per row (RoPE covers 10x pretraining's); 0 = pretraining's
     device_batch_size: int = 16  # 16 rows x 512: 8,192 tokens a forward pass, as pretraining
     minutes: float = 5.0         # wall-clock budget, evals included (when num_steps is 0)
+    text_every: int = 3          # every 3rd micro-batch is pretraining text (replay); 0 = none
 
 
 @dataclass
@@ -149,14 +149,8 @@ SECTIONS = {
 # Settings that change what a phase prints or where it runs, never what it produces.
 COSMETIC = {"run_dir", "mirror", "device", "compile", "eval_every", "eval_tokens", "log_every",
             "save_every_min"}
-SMOKE_CHAT = {  # midtrain and sft of --smoke: a few tiny steps
-    "num_steps": 10,
-    "seq_len": 256,
-    "device_batch_size": 8,
-    "total_batch_tokens": 2048,
-    "eval_tokens": 8192,
-    "log_every": 5,
-}
+SMOKE_CHAT = {"num_steps": 10, "seq_len": 256, "device_batch_size": 8, "total_batch_tokens": 2048,
+              "eval_tokens": 8192, "log_every": 5}  # midtrain and sft of --smoke: a few tiny steps
 PRESETS = {
     "cpu": {},  # the dataclass defaults
     # every phase on a tiny model in under 2 minutes, to check that everything works
@@ -248,14 +242,18 @@ def run_training_phase(phase: str, cfgs: dict, rt: Runtime) -> dict:
         model, _ = load_checkpoint(rt.path(OUTPUTS[previous]), rt.device)
         if cfg.seq_len:  # a longer context than pretraining: the rotary tables reach 10x it
             model.config = replace(model.config, seq_len=cfg.seq_len)
-        if phase == "midtrain":
-            conversations, batches = midtrain_conversations(rt.run_dir), midtrain_batches
-        else:
-            conversations, batches = sft_conversations(rt.run_dir), sft_batches
-        mine = conversations[rt.rank::rt.world_size]  # each rank its share
+        T = model.config.seq_len
+        conversations = midtrain_conversations if phase == "midtrain" else sft_conversations
+        mine = conversations(rt.run_dir)[rt.rank::rt.world_size]  # each rank its share
 
         def make_batches(state):
-            return batches(tok, mine, B, model.config.seq_len, state=state)
+            if phase == "sft":
+                return sft_batches(tok, mine, B, T, state=state)
+            return with_text_replay(  # the chats, and every text_every-th micro-batch plain text
+                lambda s: midtrain_batches(tok, mine, B, T, state=s),
+                lambda s: pretrain_batches(rt.run_dir, "train", B, T, seed=cfg.seed, state=s,
+                                           rank=rt.rank, world_size=rt.world_size),
+                cfg.text_every, state)
     return train(phase, rt.path(OUTPUTS[phase]), model.train(), tok, cfg, make_batches, rt)
 
 

@@ -79,3 +79,29 @@ def test_tasks_first_exchange_ends_at_a_sentence():
     code = {"messages": [{"role": "user", "content": "Code?"},
                          {"role": "assistant", "content": "Here:\n```\nprint(1)\n```"}]}
     assert tasks.first_exchange(code, 1000) is None, "a chat with a code block was kept"
+
+
+def test_tasks_text_replay_interleaves_and_resumes():
+    """Every third micro-batch comes from the text stream, each stream keeps its own order, and a
+    state passed back (through JSON, as checkpoints store it) continues exactly."""
+    import json
+    import torch
+
+    def stream(first):  # a batch stream whose batches count up from `first`; state = next count
+        def batches(state):
+            n = first if state is None else state
+            while True:
+                yield torch.full((1, 2), n), torch.full((1, 2), n + 1), n + 1
+                n += 1
+        return batches
+
+    chat, text = stream(0), stream(1000)
+    got = list(zip(range(9), tasks.with_text_replay(chat, text, 3)))
+    firsts = [int(x[0, 0]) for _, (x, _, _) in got]
+    assert firsts == [0, 1, 1000, 2, 3, 1001, 4, 5, 1002], f"not every third from text: {firsts}"
+    state = json.loads(json.dumps(got[4][1][2]))  # after 5 micro-batches
+    resumed = [int(x[0, 0]) for _, (x, _, _) in zip(range(4), tasks.with_text_replay(
+        chat, text, 3, state))]
+    assert resumed == firsts[5:], f"resume went astray: {resumed} instead of {firsts[5:]}"
+    no_text = [int(x[0, 0]) for _, (x, _, _) in zip(range(4), tasks.with_text_replay(chat, text, 0))]
+    assert no_text == [0, 1, 2, 3], f"text_every 0 still mixed in text: {no_text}"
