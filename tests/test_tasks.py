@@ -1,10 +1,13 @@
 """
-Tests of tasks.py: GSM8K calculator parts, the synthetic spelling and identity data, the mixture,
+Tests of tasks.py: GSM8K calculator parts, the synthetic spelling and identity data, the mixture, the text replay,
 and (where ../shared/mirror exists) the real task files turned into conversations.
 """
+import json
 import os
 import tempfile
 import unittest
+
+import torch
 
 import data
 import tasks
@@ -84,9 +87,6 @@ def test_tasks_first_exchange_ends_at_a_sentence():
 def test_tasks_text_replay_interleaves_and_resumes():
     """Every third micro-batch comes from the text stream, each stream keeps its own order, and a
     state passed back (through JSON, as checkpoints store it) continues exactly."""
-    import json
-    import torch
-
     def stream(first):  # a batch stream whose batches count up from `first`; state = next count
         def batches(state):
             n = first if state is None else state
@@ -95,13 +95,17 @@ def test_tasks_text_replay_interleaves_and_resumes():
                 n += 1
         return batches
 
+    def firsts(batches, n):  # the first token of each of the next n micro-batches
+        return [int(x[0, 0]) for _, (x, _, _) in zip(range(n), batches)]
+
     chat, text = stream(0), stream(1000)
-    got = list(zip(range(9), tasks.with_text_replay(chat, text, 3)))
-    firsts = [int(x[0, 0]) for _, (x, _, _) in got]
-    assert firsts == [0, 1, 1000, 2, 3, 1001, 4, 5, 1002], f"not every third from text: {firsts}"
-    state = json.loads(json.dumps(got[4][1][2]))  # after 5 micro-batches
-    resumed = [int(x[0, 0]) for _, (x, _, _) in zip(range(4), tasks.with_text_replay(
-        chat, text, 3, state))]
-    assert resumed == firsts[5:], f"resume went astray: {resumed} instead of {firsts[5:]}"
-    no_text = [int(x[0, 0]) for _, (x, _, _) in zip(range(4), tasks.with_text_replay(chat, text, 0))]
+    got = firsts(tasks.with_text_replay(chat, text, 3), 9)
+    assert got == [0, 1, 1000, 2, 3, 1001, 4, 5, 1002], f"not every third from text: {got}"
+    replay = tasks.with_text_replay(chat, text, 3)
+    for _ in range(5):
+        *_, state = next(replay)
+    state = json.loads(json.dumps(state))  # after 5 micro-batches
+    resumed = firsts(tasks.with_text_replay(chat, text, 3, state), 4)
+    assert resumed == got[5:], f"resume went astray: {resumed} instead of {got[5:]}"
+    no_text = firsts(tasks.with_text_replay(chat, text, 0), 4)
     assert no_text == [0, 1, 2, 3], f"text_every 0 still mixed in text: {no_text}"
