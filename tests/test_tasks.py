@@ -1,6 +1,7 @@
 """
-Tests of tasks.py: GSM8K calculator parts, the synthetic spelling and identity data, the mixture, the text replay,
-and (where ../shared/mirror exists) the real task files turned into conversations.
+Tests of tasks.py: GSM8K calculator parts, the synthetic spelling and identity data, the mixture,
+the text replay, and (where ../shared/mirror exists) the real task files turned into
+conversations.
 """
 import json
 import os
