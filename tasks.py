@@ -282,12 +282,13 @@ def midtrain_conversations(run_dir: str, split: str = "train") -> list:
     nanochat's tasks (mid_train.py OLD) at weights measured for the --cpu preset (README, the
     chat sweep): SmolTalk as short prose chats (short_chats, 1,000 characters) twice, where
     nanochat has whole conversations once; all of MMLU's auxiliary train set; GSM8K's first
-    1,000 problems; identity twice; SimpleSpelling 300 and SpellingBee 150 (nanochat: 200,000
+    1,000 problems; identity twice; SimpleSpelling 1,000 and SpellingBee 500 (nanochat: 200,000
     and 80,000 beside 460K SmolTalk rows). Spelling and GSM8K are fixed formats, easy to
     memorize: at nanochat's weights their templates answered everyday questions ("What is the
-    capital of France?" -> "We are asked to count the letter 'i' ..."), and at three times
-    today's weights they still did in 8% of the answers. They stay, smaller, so the SpellingBee
-    and GSM8K columns of the report keep measuring something the model was taught.
+    capital of France?" -> "We are asked to count the letter 'i' ..."). GSM8K is halved: the
+    model cannot solve it, and its calculator calls leaked into small talk. Spelling keeps this
+    weight: at a third of it the SFT model answered 0 of 100 SpellingBee questions, at this
+    weight 11 (README, the chat mixtures).
     """
     if split == "val":  # SmolTalk test, MMLU test[:5200], GSM8K test[:420], as nanochat
         return task_mixture([load_task(run_dir, "smoltalk-test"),
@@ -298,7 +299,7 @@ def midtrain_conversations(run_dir: str, split: str = "train") -> list:
     identity = identity_conversations()
     return task_mixture([chats, chats, load_task(run_dir, "mmlu-aux"),
                          load_task(run_dir, "gsm8k-train")[:1000], identity, identity,
-                         simple_spelling(words, 300), spelling_bee(words, 150)])
+                         simple_spelling(words, 1000), spelling_bee(words, 500)])
 
 
 def sft_conversations(run_dir: str, split: str = "train") -> list:
@@ -307,9 +308,8 @@ def sft_conversations(run_dir: str, split: str = "train") -> list:
     nanochat's tasks (chat_sft.py OLD) at measured weights: ARC-Easy 800 and ARC-Challenge 400
     (nanochat: all, 3.4K), GSM8K 300 (7.5K), every short prose chat up to 600 characters (4.6K
     of the mirror's 9.3K SmolTalk rows; nanochat 10K rows), identity four times, SimpleSpelling
-    and SpellingBee 50 each (nanochat: 300 each). SFT rows are whole conversations, so what it
-    sees most is what the model learns to say: here, plain short answers; the few templated
-    tasks only remind it of their formats.
+    and SpellingBee 150 each (nanochat: 300 each). SFT rows are whole conversations, so what it
+    sees most is what the model learns to say: here, plain short answers.
     """
     if split == "val":
         return load_task(run_dir, "smoltalk-test")
@@ -320,7 +320,7 @@ def sft_conversations(run_dir: str, split: str = "train") -> list:
                          load_task(run_dir, "arc-challenge-train")[:400],
                          load_task(run_dir, "gsm8k-train")[:300],
                          chats, identity, identity, identity, identity,
-                         simple_spelling(words, 50), spelling_bee(words, 50)])
+                         simple_spelling(words, 150), spelling_bee(words, 150)])
 
 
 def with_text_replay(chat_batches, text_batches, text_every: int, state=None):
