@@ -286,9 +286,10 @@ def midtrain_conversations(run_dir: str, split: str = "train") -> list:
     and 80,000 beside 460K SmolTalk rows). Spelling and GSM8K are fixed formats, easy to
     memorize: at nanochat's weights their templates answered everyday questions ("What is the
     capital of France?" -> "We are asked to count the letter 'i' ..."). GSM8K is halved: the
-    model cannot solve it, and its calculator calls leaked into small talk. Spelling keeps this
-    weight: at a third of it the SFT model answered 0 of 100 SpellingBee questions, at this
-    weight 11 (README, the chat mixtures).
+    model cannot solve it, and calculator calls leaked into small talk (6 of 72 answers at
+    twice this weight, 2 with it halved and SFT's shorter chats). Spelling keeps this weight: at
+    a third of it the SFT model answered 0 of 100 SpellingBee questions, at this weight 11
+    (README, the chat mixtures).
     """
     if split == "val":  # SmolTalk test, MMLU test[:5200], GSM8K test[:420], as nanochat
         return task_mixture([load_task(run_dir, "smoltalk-test"),
