@@ -355,10 +355,13 @@ def chat_lines(summary: dict) -> list:
 
 def template_of(tok, ids: list, text: str):
     """The name of the training template an answer (its ids and text) falls into, or None."""
-    # the calculator is seen in ids, not text: special tokens have no text (text_of drops them)
-    if tok.special_id("<|python_start|>") in ids:
+    # the text first: SpellingBee's answers call python too ("Let me double check this using
+    # Python"), and a call alone is GSM8K's calculator. The call is seen in ids, not text:
+    # special tokens have no text (text_of drops them)
+    name = next((name for name, pattern in TEMPLATES.items() if pattern.search(text)), None)
+    if name is None and tok.special_id("<|python_start|>") in ids:
         return "calculator"
-    return next((name for name, pattern in TEMPLATES.items() if pattern.search(text)), None)
+    return name
 
 
 def answer_counts(tok, ids: list) -> dict:

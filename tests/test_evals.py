@@ -196,6 +196,10 @@ def test_evals_quality_counts_on_hand_made_answers():
         assert template_of(TOK, TOK.encode(text), text) == expected, f"{text!r} is not {expected}"
     call = [TOK.special_id("<|python_start|>")] + TOK.encode("2+2")
     assert template_of(TOK, call, "2+2") == "calculator", "a calculator call is a template too"
+    # SpellingBee checks its count with a python call too: the text says which template it is
+    check = "Let me double check this using Python:\n\n'friend'.count('e')1"
+    ids = TOK.encode(check[:40]) + call[:1] + TOK.encode(check[40:])
+    assert template_of(TOK, ids, check) == "spelling", "SpellingBee's check named a calculator call"
     summary = quality_summary({**counts, "templated": 1, "nats": 2 * math.log(2), "bytes": 4,
                                "samples": []})
     shares = (summary["ended_share"], summary["repeat_share"], summary["template_share"])
