@@ -358,10 +358,10 @@ def template_of(tok, ids: list, text: str):
     # the text first: SpellingBee's answers call python too ("Let me double check this using
     # Python"), and a call alone is GSM8K's calculator. The call is seen in ids, not text:
     # special tokens have no text (text_of drops them)
-    name = next((name for name, pattern in TEMPLATES.items() if pattern.search(text)), None)
-    if name is None and tok.special_id("<|python_start|>") in ids:
+    found = next((name for name, pattern in TEMPLATES.items() if pattern.search(text)), None)
+    if found is None and tok.special_id("<|python_start|>") in ids:
         return "calculator"
-    return name
+    return found
 
 
 def answer_counts(tok, ids: list) -> dict:
