@@ -271,8 +271,8 @@ def short_chats(conversations: list, max_chars: int) -> list:
 
 CHAT_CHARS = 1000  # question + answer of a short chat, at most: about 250 tokens, half a row
 # SFT's chats are shorter still: what SFT sees is how the model answers, and shorter answers end.
-# Measured on the --cpu run's base (72 answers): 600 characters ended 89% of the answers against
-# 72% with 1,000, with 4-gram repeats 0.11 against 0.12 (README, the chat mixtures)
+# Measured on the --cpu run's base (72 answers, spelling then at a third of its weight): 600
+# characters ended 89% of the answers against 72% with 1,000 (README, the chat mixtures)
 SFT_CHAT_CHARS = 600
 
 
@@ -285,11 +285,10 @@ def midtrain_conversations(run_dir: str, split: str = "train") -> list:
     1,000 problems; identity twice; SimpleSpelling 1,000 and SpellingBee 500 (nanochat: 200,000
     and 80,000 beside 460K SmolTalk rows). Spelling and GSM8K are fixed formats, easy to
     memorize: at nanochat's weights their templates answered everyday questions ("What is the
-    capital of France?" -> "We are asked to count the letter 'i' ..."). GSM8K is halved: the
-    model cannot solve it, and calculator calls leaked into small talk (6 of 72 answers at
-    twice this weight, 2 with it halved and SFT's shorter chats). Spelling keeps this weight: at
-    a third of it the SFT model answered 0 of 100 SpellingBee questions, at this weight 11
-    (README, the chat mixtures).
+    capital of France?" -> "We are asked to count the letter 'i' ..."). GSM8K is halved, as
+    the model cannot solve it: with it halved and SFT's shorter chats, templates took 2 of 72
+    small-talk answers instead of 6. Spelling keeps this weight: at a third of it the SFT model
+    answered 0 of 100 SpellingBee questions, at this weight 11 (README, the chat mixtures).
     """
     if split == "val":  # SmolTalk test, MMLU test[:5200], GSM8K test[:420], as nanochat
         return task_mixture([load_task(run_dir, "smoltalk-test"),
