@@ -11,7 +11,8 @@ the project) is handed `Progress` by its caller.
 Design:
 - a config is a dataclass whose every field has a type, a default and a trailing comment;
   add_config_args turns each field into one typed --flag whose help is that comment, so the
-  dataclass stays the only place a default is declared (STYLE.md section 6)
+  dataclass stays the only place a default is declared (STYLE.md section 6); a bool flag takes
+  on/off, true/false, yes/no or 1/0 (parse_bool)
 - flags default to None, meaning "not given": config_from_args then layers defaults, a preset's
   changes and the flags actually given, in that order
 - Progress prints a whole line every few seconds ("tokenize | 12.3/61.2 MB | 2.0 MB/s | 6 s |
@@ -33,6 +34,7 @@ References:
 - argparse: https://docs.python.org/3/library/argparse.html
 - dataclasses: https://docs.python.org/3/library/dataclasses.html
 """
+import argparse
 import ctypes
 import dataclasses
 import inspect
@@ -52,6 +54,16 @@ USER_ERRORS = (ValueError, OSError)
 
 
 # --- dataclass configs on the command line ---
+
+def parse_bool(text: str) -> bool:
+    """A flag's bool: on/true/yes/1 or off/false/no/0. (argparse's type=bool calls bool(text),
+    which is True for any text that is not empty, "false" included.)"""
+    value = {"on": True, "true": True, "yes": True, "1": True,
+             "off": False, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not on/off (also true/false, yes/no, 1/0)")
+    return value
+
 
 def add_config_args(parser, cls, prefix: str = "", short: dict | None = None):
     """Add one typed --[prefix-]field flag per field of dataclass cls; its help is the field's
@@ -73,8 +85,8 @@ def add_config_args(parser, cls, prefix: str = "", short: dict | None = None):
         text = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")
         flag = "--" + "-".join(filter(None, [prefix, f.name])).replace("_", "-")
         flags = [short[f.name], flag] if short and f.name in short else [flag]
-        group.add_argument(*flags, type=kind, dest=f"{prefix}.{f.name}", default=None,
-                           metavar=kind.__name__.upper(), help=text)
+        group.add_argument(*flags, type=parse_bool if kind is bool else kind, default=None,
+                           dest=f"{prefix}.{f.name}", metavar=kind.__name__.upper(), help=text)
 
 
 def config_from_args(args, cls, prefix: str = "", preset: dict | None = None):

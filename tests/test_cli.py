@@ -4,6 +4,8 @@ traceback by every entry point run as a real subprocess (what a user sees on std
 choice and the allocator setting.
 """
 import argparse
+import contextlib
+import io
 import os
 import platform
 import subprocess
@@ -24,6 +26,7 @@ class _Knobs:
     """Two knobs for the flag tests."""
     depth: int = 4               # transformer blocks
     lr: float | None = None      # learning rate; None = automatic
+    chats: bool = True           # train on chats too
 
 
 def test_cli_flags_from_dataclass():
@@ -38,6 +41,16 @@ def test_cli_flags_from_dataclass():
     knobs = config_from_args(parser.parse_args(["--x-lr", "0.5"]), _Knobs, "x")
     assert knobs == _Knobs(depth=4, lr=0.5) and isinstance(knobs.lr, float), \
         f"typed flag lost: {knobs}"
+    # a bool flag reads its text: type=bool would make "false" True (any non-empty text is)
+    for text, value in (("false", False), ("Off", False), ("0", False), ("yes", True)):
+        knobs = config_from_args(parser.parse_args(["--x-chats", text]), _Knobs, "x")
+        assert knobs.chats is value, f"--x-chats {text} gave {knobs.chats}"
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            parser.parse_args(["--x-chats", "maybe"])
+            raise AssertionError("--x-chats maybe was accepted")
+        except SystemExit as e:
+            assert e.code == 2 and "is not on/off" in err.getvalue(), err.getvalue()
 
 
 def _run(*args, cwd=ROOT):
