@@ -56,7 +56,7 @@ def _check_conversation(conversation) -> list:
 
 
 def render_conversation(tok, conversation, max_tokens=2048):
-    """Conversation -> (ids, mask), both truncated to max_tokens; mask 1 = the model learns it.
+    """Conversation -> (ids, mask), cut to max_tokens (None: whole); mask 1 = the model learns it.
 
     Layout (no separators between special tokens and text):
       <|bos|> <|user_start|> user <|user_end|> <|assistant_start|> reply <|assistant_end|> ...

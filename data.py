@@ -18,10 +18,11 @@ Design:
   changes; training then reads it with np.memmap and never spends a core on tokenizing
 - pretraining rows are windows of the token stream (documents concatenated, each starting with
   <|bos|>), visited in a shuffled order per epoch; the state {"epoch", "row"} resumes exactly
+- with --pretrain-chats on (the --cpu preset), SmolTalk's train conversations join the pretraining
+  stream, rendered with their chat tokens: the mirror's text is software documentation
 - chat data: midtraining streams rendered conversations and trains every token (mixed with
   pretraining text by tasks.with_text_replay); SFT puts one conversation per row, cut to fit, and
   trains only the assistant's tokens (tasks.py makes them)
-- download and tokenize progress goes through cli.Progress, the one progress printer
 
 Left out on purpose:
 - nanochat HEAD's BOS-aligned best-fit rows: they crop ~35% of tokens at T=2048 and far more at our
@@ -99,8 +100,7 @@ def shard_paths(run_dir: str, split: str) -> list:
         return [val]
     folder = os.path.dirname(val)
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    # NOTE: skip *.tmp, a download in progress is not a shard
-    # (nanochat's list_parquet_files does too)
+    # NOTE: *.tmp is a download in progress, not a shard (nanochat's list_parquet_files skips it)
     paths = [os.path.join(folder, n) for n in names
              if n.startswith("shard_") and n.endswith(".parquet")]
     paths = [p for p in paths if p != val]
@@ -113,8 +113,7 @@ def shard_paths(run_dir: str, split: str) -> list:
 # --- downloads ---
 
 def _source(url: str, mirror) -> str:
-    """The URL actually opened: the real one, the mirror server's, or a file:// URL into a
-    mirror folder."""
+    """The URL opened: the real one, the mirror server's, or a file:// URL into a mirror folder."""
     if not mirror:
         return url
     host_path = url.split("://", 1)[1]
@@ -216,9 +215,8 @@ def fetch_task(run_dir: str, name: str, mirror=None, backoff_s: float = 2.0) -> 
         fetch(listing_url, listing, mirror, backoff_s=backoff_s)
     except ConnectionError as e:
         if isinstance(e.__cause__, ValueError):  # the body arrived but was not JSON, every time
-            raise ValueError(f"{listing_url} did not return a JSON listing ({e.__cause__}); "
-                             "the dataset may have moved, or --mirror points at the wrong "
-                             "folder") from e
+            raise ValueError(f"{listing_url} did not return a JSON listing ({e.__cause__}); the"
+                             " dataset may have moved, or --mirror names the wrong folder") from e
         raise
     urls = json.loads(Path(listing).read_text())
     if not (isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls)):
@@ -231,15 +229,18 @@ def fetch_task(run_dir: str, name: str, mirror=None, backoff_s: float = 2.0) -> 
     return paths
 
 
-def task_rows(run_dir: str, name: str) -> list:
-    """Every row of a downloaded TASKS entry as a dict, shards in listing order (tasks.py
-    converts them)."""
+def task_paths(run_dir: str, name: str) -> list:
+    """The parquet paths of a downloaded TASKS entry, in listing order."""
     manifest = os.path.join(url_to_path(run_dir, LISTING_URL.format(*TASKS[name])), "manifest.json")
     if not os.path.exists(manifest):
         raise FileNotFoundError(f"task data {name} is not in {run_dir}; "
                                 "run 'python train_all.py --only download'")
-    files = json.loads(Path(manifest).read_text())["files"]
-    return [row for p in files for row in pq.read_table(os.path.join(run_dir, p)).to_pylist()]
+    return [os.path.join(run_dir, p) for p in json.loads(Path(manifest).read_text())["files"]]
+
+
+def task_rows(run_dir: str, name: str) -> list:
+    """Every row of a downloaded TASKS entry as a dict (tasks.py makes conversations of them)."""
+    return [row for p in task_paths(run_dir, name) for row in pq.read_table(p).to_pylist()]
 
 
 def download_all(run_dir: str, mirror=None, num_train_shards: int = 4, backoff_s: float = 2.0):
@@ -267,8 +268,7 @@ def read_texts(path: str) -> list:
 
 
 def tokenizer_texts(run_dir: str, max_chars: int, doc_cap: int = 10_000):
-    """Yield train documents cropped to doc_cap characters until max_chars are given
-    (nanochat tok_train)."""
+    """Yield train docs cut to doc_cap characters, max_chars in all (nanochat's tok_train)."""
     left = max_chars
     for path in shard_paths(run_dir, "train"):
         for text in read_texts(path):
@@ -289,28 +289,36 @@ def _encode_init(tok):
 
 
 def _encode_part(job):
-    """Worker: (path, lo, hi, dtype) -> ([<|bos|>] + ids of each doc lo..hi-1 as one array,
-    docs, text bytes)."""
+    """Worker: (path, lo, hi, dtype) -> (ids of docs lo..hi-1 as one array, docs, text bytes): a
+    text shard's doc is a `text` row, stored as [<|bos|>] + its ids; a chat file's (SmolTalk) is a
+    conversation, rendered with its chat tokens as SFT renders it (<|bos|> first, nothing cut)."""
     path, lo, hi, dtype = job
-    texts, flat = read_texts(path)[lo:hi], []
-    for text in texts:
-        flat.append(_WORKER_TOK.bos_id)
-        flat.extend(_WORKER_TOK.encode(text))
-    return np.array(flat, dtype=dtype), len(texts), sum(len(t.encode("utf-8")) for t in texts)
+    f = pq.ParquetFile(path)
+    if "messages" in f.schema_arrow.names:
+        chats = f.read(columns=["messages"]).slice(lo, hi - lo).to_pylist()
+        docs = [render_conversation(_WORKER_TOK, chat, max_tokens=None)[0] for chat in chats]
+        texts = ["".join(m["content"] for m in chat["messages"]) for chat in chats]
+    else:
+        texts = read_texts(path)[lo:hi]
+        docs = [[_WORKER_TOK.bos_id] + _WORKER_TOK.encode(text) for text in texts]
+    flat = np.array([i for doc in docs for i in doc], dtype=dtype)
+    return flat, len(texts), sum(len(t.encode("utf-8")) for t in texts)
 
 
-def build_token_cache(run_dir: str, tok) -> dict:
+def build_token_cache(run_dir: str, tok, chats: bool = False) -> dict:
     """Encode every shard once into tokens/{train,val}.bin; return the meta dict (also meta.json).
 
-    Each document is stored as [<|bos|>] + its ids, documents back to back, in shard order. Each
-    shard is cut into PARTS_PER_SHARD jobs for a pool with one process per core; every worker keeps
-    its tokenizer, and so its chunk cache, for all its jobs. meta.json is written last, so it exists
-    only when both .bin files are whole. Nothing is redone while the tokenizer's fingerprint and the
-    shard list are unchanged.
+    Documents go back to back in shard order (_encode_part says how each is stored); chats=True
+    adds SmolTalk's train conversations to the train split (the val split stays text). Each shard
+    is cut into PARTS_PER_SHARD jobs for a pool with one process per core; every worker keeps its
+    tokenizer, and so its chunk cache, for all its jobs. meta.json is written last, so it exists
+    only when both .bin files are whole. Nothing is redone while the tokenizer and files stay.
     """
     folder = os.path.join(run_dir, "tokens")
     meta_path = os.path.join(folder, "meta.json")
     splits = {s: shard_paths(run_dir, s) for s in ("train", "val")}
+    if chats:
+        splits["train"] += task_paths(run_dir, "smoltalk-train")
     want = {"fingerprint": tok.fingerprint(),
             "shards": {s: [os.path.basename(p) for p in ps] for s, ps in splits.items()}}
     if os.path.exists(meta_path):
@@ -336,8 +344,7 @@ def build_token_cache(run_dir: str, tok) -> dict:
                 jobs += [(path, lo, hi, dtype) for lo, hi in zip(bounds[:-1], bounds[1:])]
             counts = np.zeros(3, dtype=np.int64)  # tokens, docs, text bytes
             with open(os.path.join(folder, f"{split}.bin.tmp"), "wb") as f:
-                # results come back in job order
-                for ids, num_docs, num_bytes in pool.imap(_encode_part, jobs):
+                for ids, num_docs, num_bytes in pool.imap(_encode_part, jobs):  # in job order
                     f.write(ids.tobytes())
                     counts += (len(ids), num_docs, num_bytes)
                     done += num_bytes

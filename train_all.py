@@ -94,6 +94,7 @@ class RunConfig:
     num_train_shards: int = 4    # pretraining shards to fetch (the mirror has 4, ~12 MB text each)
     vocab_size: int = 8192       # 256 bytes + merges + 9 special tokens, counted as nanochat does
     tokenizer_chars: int = 40_000_000  # characters of training text the BPE trainer reads
+    pretrain_chats: bool = True  # pretrain on SmolTalk's train chats too (data.py says why)
 
 
 @dataclass
@@ -166,7 +167,8 @@ PRESETS = {
     },
     # nanochat's d20 speedrun (reference §6.1) at device batch 16: 32 runs out of an H100's memory
     "gpu": {
-        "run": {"num_train_shards": 240, "vocab_size": 65_536, "tokenizer_chars": 2_000_000_000},
+        "run": {"num_train_shards": 240, "vocab_size": 65_536, "tokenizer_chars": 2_000_000_000,
+                "pretrain_chats": False},  # ClimbMix is web text: nanochat pretrains on it alone
         "pretrain": {"depth": 20, "head_dim": 128, "seq_len": 2048, "num_steps": 21_400,
                      "device_batch_size": 16, "total_batch_tokens": 524_288,
                      "eval_tokens": 10_485_760},
@@ -359,7 +361,7 @@ def run_phase(phase: str, cfgs: dict, rt: Runtime) -> dict | None:
         texts = tokenizer_texts(rt.run_dir, run.tokenizer_chars)
         Tokenizer.train(texts, run.vocab_size, progress=Progress).save(rt.path("tokenizer.bin"))
     elif phase == "tokenize":  # every shard encoded once; rebuilt only if the tokenizer changed
-        build_token_cache(rt.run_dir, Tokenizer.load(rt.path("tokenizer.bin")))
+        build_token_cache(rt.run_dir, Tokenizer.load(rt.path("tokenizer.bin")), run.pretrain_chats)
     elif phase in TRAINING:
         return run_training_phase(phase, cfgs, rt)
     elif phase == "eval":

@@ -199,6 +199,35 @@ def test_data_token_cache_roundtrip_and_rebuild():
                 == [t for d in docs for t in [tok2.bos_id] + tok2.encode(d)])
 
 
+def test_data_token_cache_with_chats():
+    """chats=True appends each SmolTalk train conversation to train.bin as SFT renders it (chat
+    tokens, <|bos|> first); val.bin stays text; switching chats off rebuilds the cache."""
+    tok = _data_tokenizer()
+    chats = [{"messages": [{"role": "user", "content": f"hi {i}"},
+                           {"role": "assistant", "content": f"hello {i}!"}]} for i in range(9)]
+    with tempfile.TemporaryDirectory() as root:
+        _data_run_dir(root, num_train=1)
+        listing = data.url_to_path(root, data.LISTING_URL.format(*data.TASKS["smoltalk-train"]))
+        os.makedirs(listing)
+        pq.write_table(pa.table({"messages": [c["messages"] for c in chats]}),
+                       os.path.join(listing, "0.parquet"))
+        with open(os.path.join(listing, "manifest.json"), "w") as f:
+            json.dump({"files": [os.path.relpath(os.path.join(listing, "0.parquet"), root)]}, f)
+        with quiet():
+            plain = data.build_token_cache(root, tok)
+            meta = data.build_token_cache(root, tok, chats=True)
+        train = np.array(data.load_tokens(root, "train")).tolist()
+        rendered = [t for chat in chats for t in render_conversation(tok, chat)[0]]
+        assert train[plain["tokens"]["train"]:] == rendered, \
+            "the chats are not appended to train.bin as render_conversation renders them"
+        assert meta["docs"]["train"] == plain["docs"]["train"] + len(chats), meta["docs"]
+        assert meta["tokens"]["val"] == plain["tokens"]["val"], "the chats reached val.bin"
+        with quiet():
+            again = data.build_token_cache(root, tok)
+        assert again["tokens"]["train"] == plain["tokens"]["train"], \
+            "switching chats off did not rebuild the cache"
+
+
 def test_data_pretrain_batches_invariants_and_resume():
     """Batches are int64 (B, T) with y = x shifted, BOS at every doc start, and a restored state
     replays exactly."""
