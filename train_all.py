@@ -360,7 +360,7 @@ def run_phase(phase: str, cfgs: dict, rt: Runtime) -> dict | None:
     elif phase == "tokenizer":
         texts = tokenizer_texts(rt.run_dir, run.tokenizer_chars)
         Tokenizer.train(texts, run.vocab_size, progress=Progress).save(rt.path("tokenizer.bin"))
-    elif phase == "tokenize":  # every shard encoded once; rebuilt only if the tokenizer changed
+    elif phase == "tokenize":  # shards (and chats) encoded once; redone if the tokenizer changes
         build_token_cache(rt.run_dir, Tokenizer.load(rt.path("tokenizer.bin")), run.pretrain_chats)
     elif phase in TRAINING:
         return run_training_phase(phase, cfgs, rt)
