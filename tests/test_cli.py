@@ -23,7 +23,7 @@ from tests.fixtures import ROOT, make_mirror, prepared_run_dir, tiny_argv
 
 @dataclass
 class _Knobs:
-    """Two knobs for the flag tests."""
+    """The knobs of the flag tests."""
     depth: int = 4               # transformer blocks
     lr: float | None = None      # learning rate; None = automatic
     chats: bool = True           # train on chats too
