@@ -18,8 +18,8 @@ Design:
   changes; training then reads it with np.memmap and never spends a core on tokenizing
 - pretraining rows are windows of the token stream (documents concatenated, each starting with
   <|bos|>), visited in a shuffled order per epoch; the state {"epoch", "row"} resumes exactly
-- with --pretrain-chats on (the --cpu preset), SmolTalk's train conversations join the pretraining
-  stream, rendered with their chat tokens: the mirror's text is software documentation
+- with use_chats (on, except in the gpu preset) SmolTalk's train conversations join the pretraining
+  stream with their chat tokens: the mirror's text is documentation, with no everyday English
 - chat data: midtraining streams rendered conversations and trains every token (mixed with
   pretraining text by tasks.with_text_replay); SFT puts one conversation per row, cut to fit, and
   trains only the assistant's tokens (tasks.py makes them)
@@ -305,19 +305,19 @@ def _encode_part(job):
     return flat, len(texts), sum(len(t.encode("utf-8")) for t in texts)
 
 
-def build_token_cache(run_dir: str, tok, chats: bool = False) -> dict:
+def build_token_cache(run_dir: str, tok, use_chats: bool = False) -> dict:
     """Encode every shard once into tokens/{train,val}.bin; return the meta dict (also meta.json).
 
-    Documents go back to back in shard order (_encode_part says how each is stored); chats=True
+    Documents go back to back in shard order (_encode_part says how each is stored); use_chats
     adds SmolTalk's train conversations to the train split (the val split stays text). Each shard
     is cut into PARTS_PER_SHARD jobs for a pool with one process per core; every worker keeps its
     tokenizer, and so its chunk cache, for all its jobs. meta.json is written last, so it exists
-    only when both .bin files are whole. Nothing is redone while the tokenizer and files stay.
+    only when both .bin files are whole. Nothing is redone while the tokenizer and file names stay.
     """
     folder = os.path.join(run_dir, "tokens")
     meta_path = os.path.join(folder, "meta.json")
     splits = {s: shard_paths(run_dir, s) for s in ("train", "val")}
-    if chats:
+    if use_chats:
         splits["train"] += task_paths(run_dir, "smoltalk-train")
     want = {"fingerprint": tok.fingerprint(),
             "shards": {s: [os.path.basename(p) for p in ps] for s, ps in splits.items()}}

@@ -94,7 +94,6 @@ class RunConfig:
     num_train_shards: int = 4    # pretraining shards to fetch (the mirror has 4, ~12 MB text each)
     vocab_size: int = 8192       # 256 bytes + merges + 9 special tokens, counted as nanochat does
     tokenizer_chars: int = 40_000_000  # characters of training text the BPE trainer reads
-    pretrain_chats: bool = True  # pretrain on SmolTalk's train chats too (data.py says why)
 
 
 @dataclass
@@ -106,6 +105,7 @@ class PretrainConfig(TrainConfig):
     minutes: float = 35.0        # wall-clock budget, evals included (when num_steps is 0)
     warmdown_frac: float = 0.5   # lr falls linearly over the last half (nanochat HEAD; measured)
     final_lr_frac: float = 0.05  # to 5% of the peak lr (nanochat HEAD; measured)
+    use_chats: bool = True       # SmolTalk's train chats join the documents (data.py says why)
 
 
 @dataclass
@@ -167,11 +167,10 @@ PRESETS = {
     },
     # nanochat's d20 speedrun (reference §6.1) at device batch 16: 32 runs out of an H100's memory
     "gpu": {
-        "run": {"num_train_shards": 240, "vocab_size": 65_536, "tokenizer_chars": 2_000_000_000,
-                "pretrain_chats": False},  # ClimbMix is web text: nanochat pretrains on it alone
+        "run": {"num_train_shards": 240, "vocab_size": 65_536, "tokenizer_chars": 2_000_000_000},
         "pretrain": {"depth": 20, "head_dim": 128, "seq_len": 2048, "num_steps": 21_400,
                      "device_batch_size": 16, "total_batch_tokens": 524_288,
-                     "eval_tokens": 10_485_760},
+                     "eval_tokens": 10_485_760, "use_chats": False},  # ClimbMix: web text
         "midtrain": {"num_steps": 809, "seq_len": 0, "device_batch_size": 16,
                      "total_batch_tokens": 524_288},
         "sft": {"num_steps": 701, "seq_len": 0, "device_batch_size": 4,
@@ -360,8 +359,9 @@ def run_phase(phase: str, cfgs: dict, rt: Runtime) -> dict | None:
     elif phase == "tokenizer":
         texts = tokenizer_texts(rt.run_dir, run.tokenizer_chars)
         Tokenizer.train(texts, run.vocab_size, progress=Progress).save(rt.path("tokenizer.bin"))
-    elif phase == "tokenize":  # shards (and chats) encoded once; redone if the tokenizer changes
-        build_token_cache(rt.run_dir, Tokenizer.load(rt.path("tokenizer.bin")), run.pretrain_chats)
+    elif phase == "tokenize":  # encoded once; redone if the tokenizer or the file list changes
+        tok = Tokenizer.load(rt.path("tokenizer.bin"))
+        build_token_cache(rt.run_dir, tok, use_chats=cfgs["pretrain"].use_chats)
     elif phase in TRAINING:
         return run_training_phase(phase, cfgs, rt)
     elif phase == "eval":

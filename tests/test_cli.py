@@ -26,7 +26,7 @@ class _Knobs:
     """The knobs of the flag tests."""
     depth: int = 4               # transformer blocks
     lr: float | None = None      # learning rate; None = automatic
-    chats: bool = True           # train on chats too
+    use_chats: bool = True       # train on chats too
 
 
 def test_cli_flags_from_dataclass():
@@ -43,12 +43,12 @@ def test_cli_flags_from_dataclass():
         f"typed flag lost: {knobs}"
     # a bool flag reads its text: type=bool would make "false" True (any non-empty text is)
     for text, value in (("false", False), ("Off", False), ("0", False), ("yes", True)):
-        knobs = config_from_args(parser.parse_args(["--x-chats", text]), _Knobs, "x")
-        assert knobs.chats is value, f"--x-chats {text} gave {knobs.chats}"
+        knobs = config_from_args(parser.parse_args(["--x-use-chats", text]), _Knobs, "x")
+        assert knobs.use_chats is value, f"--x-use-chats {text} gave {knobs.use_chats}"
     with contextlib.redirect_stderr(io.StringIO()) as err:
         try:
-            parser.parse_args(["--x-chats", "maybe"])
-            raise AssertionError("--x-chats maybe was accepted")
+            parser.parse_args(["--x-use-chats", "maybe"])
+            raise AssertionError("--x-use-chats maybe was accepted")
         except SystemExit as e:
             assert e.code == 2 and "is not on/off" in err.getvalue(), err.getvalue()
 

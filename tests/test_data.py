@@ -200,11 +200,13 @@ def test_data_token_cache_roundtrip_and_rebuild():
 
 
 def test_data_token_cache_with_chats():
-    """chats=True appends each SmolTalk train conversation to train.bin as SFT renders it (chat
-    tokens, <|bos|> first); val.bin stays text; switching chats off rebuilds the cache."""
+    """use_chats appends each SmolTalk train conversation to train.bin as SFT renders it (chat
+    tokens, <|bos|> first, a long one not cut at 2,048 tokens); the shards' tokens and val.bin stay
+    as they were; switching chats off rebuilds the cache."""
     tok = _data_tokenizer()
     chats = [{"messages": [{"role": "user", "content": f"hi {i}"},
-                           {"role": "assistant", "content": f"hello {i}!"}]} for i in range(9)]
+                           {"role": "assistant", "content": f"hello {i}! " * (1 + 400 * (i == 3))}]}
+             for i in range(9)]
     with tempfile.TemporaryDirectory() as root:
         _data_run_dir(root, num_train=1)
         listing = data.url_to_path(root, data.LISTING_URL.format(*data.TASKS["smoltalk-train"]))
@@ -215,11 +217,13 @@ def test_data_token_cache_with_chats():
             json.dump({"files": [os.path.relpath(os.path.join(listing, "0.parquet"), root)]}, f)
         with quiet():
             plain = data.build_token_cache(root, tok)
-            meta = data.build_token_cache(root, tok, chats=True)
+            shards = np.array(data.load_tokens(root, "train")).tolist()
+            meta = data.build_token_cache(root, tok, use_chats=True)
         train = np.array(data.load_tokens(root, "train")).tolist()
-        rendered = [t for chat in chats for t in render_conversation(tok, chat)[0]]
-        assert train[plain["tokens"]["train"]:] == rendered, \
-            "the chats are not appended to train.bin as render_conversation renders them"
+        rendered = [render_conversation(tok, chat, max_tokens=None)[0] for chat in chats]
+        assert len(rendered[3]) > 2048, "the long chat is too short to test the cut"
+        assert train == shards + [t for ids in rendered for t in ids], \
+            "train.bin is not the shards' tokens followed by the rendered chats"
         assert meta["docs"]["train"] == plain["docs"]["train"] + len(chats), meta["docs"]
         assert meta["tokens"]["val"] == plain["tokens"]["val"], "the chats reached val.bin"
         with quiet():

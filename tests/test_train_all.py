@@ -34,6 +34,9 @@ def test_train_all_every_phase_writes_its_files():
                     f"{name} missing: a phase did not write its output"
             assert not [d for d in os.listdir(os.path.join(run_dir, "base"))
                         if d.startswith("resume")], "resume checkpoint left"
+            cache = json.load(open(os.path.join(run_dir, "tokens", "meta.json")))
+            assert len(cache["shards"]["train"]) == 2, \
+                f"use_chats is on, but the chats are not in the train cache: {cache['shards']}"
             report = json.load(open(os.path.join(run_dir, "report.json")))
             evals = report["eval"]
             assert set(evals) == {"pretrain", "midtrain", "sft", "tokenizer"}, \
