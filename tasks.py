@@ -16,8 +16,9 @@ Design:
   "24": the model learns to call the tool, and the sampler (sampler.py) pastes in the result
 - a mixture is a concatenation shuffled with random.Random(42); listing a dataset twice trains it
   twice per epoch (nanochat's TaskMixture semantics, without the index bookkeeping)
-- midtraining also replays pretraining text (with_text_replay): every third micro-batch is plain
-  prose, so learning to chat does not erase what the base model knew about English
+- midtraining also replays pretraining text (with_text_replay): every third micro-batch comes from
+  the pretraining stream (its documents and, with use_chats, its chats), so learning to chat does
+  not erase what the base model knew about English
 - SpellingBee / SimpleSpelling examples are drawn from random.Random(index) for train and
   Random(-(index+1)) for test, as nanochat, so the two splits never share a draw
 

@@ -250,7 +250,7 @@ def run_training_phase(phase: str, cfgs: dict, rt: Runtime) -> dict:
         def make_batches(state):
             if phase == "sft":
                 return sft_batches(tok, mine, B, T, state=state)
-            return with_text_replay(  # the chats, and every text_every-th micro-batch plain text
+            return with_text_replay(  # every text_every-th micro-batch from pretraining's stream
                 lambda s: midtrain_batches(tok, mine, B, T, state=s),
                 lambda s: pretrain_batches(rt.run_dir, "train", B, T, seed=cfg.seed, state=s,
                                            rank=rt.rank, world_size=rt.world_size),
